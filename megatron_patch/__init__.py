@@ -1,0 +1,1 @@
+"""megatron_patch: Idefics2 vision-language models on megatron-core."""

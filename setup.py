@@ -1,0 +1,29 @@
+"""Install megatron_patch: Idefics2 on megatron-core (tensor, pipeline and data parallel)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_patch",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel training of Idefics2 vision-language models on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
+    install_requires=[
+        # torch is not pinned here: install the build for your machine first (see README).
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "webdataset>=0.2.100",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "einops",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "mistral-common>=1.5"],
+    },
+)
