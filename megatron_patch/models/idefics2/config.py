@@ -1,0 +1,242 @@
+"""HF `Idefics2Config` -> megatron-core `TransformerConfig`s, and the parallel-layout checks.
+
+One Idefics2 model is four megatron-core configs: the SigLIP vision tower, the modality projection,
+the perceiver resampler and the language model. All four share the parallel settings; only the
+language model is split over pipeline stages (vision and connector live on the first stage).
+
+`validate_layout` runs before anything is built and fails with one line saying what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+}
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """How the model is laid out and run; mirrors Megatron-LM's flags of the same names."""
+
+    tensor_model_parallel_size: int = 1
+    """--tensor-model-parallel-size: ranks that split each layer's matrices."""
+    pipeline_model_parallel_size: int = 1
+    """--pipeline-model-parallel-size: stages the language-model layers are split over."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """--decoder-first-pipeline-num-layers: LLM layers on stage 0 (it also holds vision + connector)."""
+    sequence_parallel: bool = False
+    """--sequence-parallel: split LLM activations along the sequence in TP regions (needs transformer-engine)."""
+    recompute_granularity: Optional[str] = None
+    """--recompute-granularity: 'full' or 'selective' activation recompute, passed to megatron-core."""
+    recompute_method: Optional[str] = None
+    """--recompute-method: 'uniform' or 'block' (with full recompute)."""
+    recompute_num_layers: Optional[int] = None
+    """--recompute-num-layers: layers per recompute unit (with full recompute)."""
+    params_dtype: torch.dtype = torch.float32
+    """Parameter dtype: torch.float32 or torch.bfloat16 (--bf16)."""
+    use_transformer_engine: bool = False
+    """Build layers from transformer-engine specs (chosen by the model builder when TE is importable)."""
+
+
+@dataclass(frozen=True)
+class Idefics2Configs:
+    vision: TransformerConfig
+    projection: TransformerConfig
+    perceiver: TransformerConfig
+    language: TransformerConfig
+    vocab_size: int
+    """True vocabulary size of the HF checkpoint."""
+    padded_vocab_size: int
+    """Vocabulary padded to a multiple of the TP size; the extra logits are masked out."""
+    image_token_id: int
+    image_seq_len: int
+    """Perceiver latents per image: the number of <image> tokens each image fills."""
+    patch_size: int
+    image_size: int
+    rotary_base: float
+    tie_word_embeddings: bool
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of the TP size (each rank holds an equal slice)."""
+    return -(-vocab_size // tp) * tp
+
+
+def layers_per_stage(num_layers: int, pp: int, first_stage_layers: Optional[int] = None) -> list[int]:
+    """LLM layers held by each pipeline stage (megatron-core's rule for an uneven first stage)."""
+    if first_stage_layers is None:
+        return [num_layers // pp] * pp
+    rest = (num_layers - first_stage_layers) // (pp - 1) if pp > 1 else 0
+    return [first_stage_layers] + [rest] * (pp - 1)
+
+
+def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] = None) -> None:
+    """Raise ValueError (one line, naming the flag) when `opts` cannot lay out this model."""
+    tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1")
+    if world_size is not None and world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+            f"--pipeline-model-parallel-size = {tp} x {pp}; change the layout or the number of processes"
+        )
+    v, p, t = hf_config.vision_config, hf_config.perceiver_config, hf_config.text_config
+    checks = [
+        ("vision num_attention_heads", v.num_attention_heads),
+        ("perceiver resampler_n_heads", p.resampler_n_heads),
+        ("perceiver num_key_value_heads", p.num_key_value_heads),
+        ("text num_attention_heads", t.num_attention_heads),
+        ("text num_key_value_heads", t.num_key_value_heads),
+    ]
+    for name, value in checks:
+        if value % tp != 0:
+            raise ValueError(
+                f"--tensor-model-parallel-size {tp} does not divide the {name} ({value}); "
+                f"choose a TP size that divides it"
+            )
+    n = t.num_hidden_layers
+    first = opts.decoder_first_pipeline_num_layers
+    if first is not None:
+        if pp < 2:
+            raise ValueError("--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size >= 2")
+        if not 0 < first < n or (n - first) % (pp - 1) != 0:
+            raise ValueError(
+                f"--decoder-first-pipeline-num-layers {first} leaves {n - first} of {n} LLM layers, which do not "
+                f"split evenly over the other {pp - 1} pipeline stages"
+            )
+    elif n % pp != 0:
+        raise ValueError(
+            f"the {n} LLM layers do not split evenly over --pipeline-model-parallel-size {pp}; "
+            f"choose a PP size that divides {n} or set --decoder-first-pipeline-num-layers"
+        )
+    if p.hidden_size != t.hidden_size:
+        raise ValueError(
+            f"perceiver_config.hidden_size ({p.hidden_size}) must equal text_config.hidden_size ({t.hidden_size})"
+        )
+    if opts.sequence_parallel and tp > 1 and not opts.use_transformer_engine:
+        raise ValueError(
+            "--sequence-parallel needs transformer-engine layers (megatron-core's torch norms do not support it); "
+            "install transformer-engine or drop --sequence-parallel"
+        )
+    for name, cfg in (("vision_config", v), ("text_config", t)):
+        act = getattr(cfg, "hidden_act", None)
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+
+
+def _rope_theta(text_config) -> float:
+    params = getattr(text_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"text_config rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+
+
+def _base_kwargs(opts: ParallelOptions) -> dict:
+    """Settings every sub-config shares. Fusions off: they need apex/TE kernels and change no numbers."""
+    bf16 = opts.params_dtype == torch.bfloat16
+    return dict(
+        tensor_model_parallel_size=opts.tensor_model_parallel_size,
+        params_dtype=opts.params_dtype,
+        pipeline_dtype=opts.params_dtype,
+        bf16=bf16,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        recompute_granularity=opts.recompute_granularity,
+        recompute_method=opts.recompute_method,
+        recompute_num_layers=opts.recompute_num_layers,
+    )
+
+
+def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
+    """Translate an HF Idefics2Config into the four megatron-core configs (after `validate_layout`)."""
+    validate_layout(hf_config, opts)
+    v, p, t = hf_config.vision_config, hf_config.perceiver_config, hf_config.text_config
+    base = _base_kwargs(opts)
+    vision = TransformerConfig(
+        num_layers=v.num_hidden_layers,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.intermediate_size,
+        num_attention_heads=v.num_attention_heads,
+        kv_channels=v.hidden_size // v.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layer_norm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=_ACTIVATIONS[v.hidden_act],
+        pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
+        **base,
+    )
+    perceiver = TransformerConfig(
+        num_layers=p.resampler_depth,
+        hidden_size=p.hidden_size,
+        ffn_hidden_size=4 * p.hidden_size,
+        num_attention_heads=p.resampler_n_heads,
+        num_query_groups=p.num_key_value_heads,
+        kv_channels=p.resampler_head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=p.rms_norm_eps,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=_ACTIVATIONS[getattr(p, "hidden_act", "silu")],
+        pipeline_model_parallel_size=1,
+        **base,
+    )
+    projection = dataclasses.replace(
+        perceiver, ffn_hidden_size=t.intermediate_size, activation_func=_ACTIVATIONS[t.hidden_act]
+    )
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    pp = opts.pipeline_model_parallel_size
+    language = TransformerConfig(
+        num_layers=t.num_hidden_layers,
+        hidden_size=t.hidden_size,
+        ffn_hidden_size=t.intermediate_size,
+        num_attention_heads=t.num_attention_heads,
+        num_query_groups=t.num_key_value_heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=t.rms_norm_eps,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=_ACTIVATIONS[t.hidden_act],
+        pipeline_model_parallel_size=pp,
+        num_layers_in_first_pipeline_stage=opts.decoder_first_pipeline_num_layers,
+        sequence_parallel=opts.sequence_parallel and opts.tensor_model_parallel_size > 1,
+        **base,
+    )
+    tp = opts.tensor_model_parallel_size
+    vocab = t.vocab_size
+    return Idefics2Configs(
+        vision=vision,
+        projection=projection,
+        perceiver=perceiver,
+        language=language,
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab_size(vocab, tp),
+        image_token_id=hf_config.image_token_id,
+        image_seq_len=p.resampler_n_latents,
+        patch_size=v.patch_size,
+        image_size=v.image_size,
+        rotary_base=_rope_theta(t),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False) or getattr(t, "tie_word_embeddings", False)),
+    )

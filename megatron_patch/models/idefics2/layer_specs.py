@@ -1,0 +1,58 @@
+"""ModuleSpecs for the Idefics2 towers: transformer-engine layers when TE is importable, local otherwise.
+
+Parameter names in checkpoints are the canonical megatron-core ones (TE-style: the layer norms that TE
+fuses into the following linear are stored as `...linear_qkv.layer_norm_weight` and
+`...linear_fc1.layer_norm_weight`); `canonical_to_module_name` maps them to the local modules' names.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+# Canonical (TE-fused) name fragment -> local spec's module name fragment.
+_LOCAL_NAMES = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+def canonical_to_module_name(name: str, use_te: bool) -> str:
+    """Name of a canonical checkpoint parameter inside a model built with (use_te) specs."""
+    if use_te or ".decoder.layers." not in name:
+        return name
+    for canonical, local in _LOCAL_NAMES.items():
+        if canonical in name:
+            return name.replace(canonical, local)
+    return name
+
+
+def module_to_canonical_name(name: str, use_te: bool) -> str:
+    if use_te or ".decoder.layers." not in name:
+        return name
+    for canonical, local in _LOCAL_NAMES.items():
+        if local in name:
+            return name.replace(local, canonical)
+    return name
+
+
+def language_layer_spec(use_te: bool) -> ModuleSpec:
+    """Mistral / Llama decoder layer: causal self-attention (GQA, RoPE), SwiGLU MLP, RMSNorm."""
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def vision_layer_spec(use_te: bool) -> ModuleSpec:
+    """SigLIP encoder layer: bidirectional self-attention over real patches (padding mask), LayerNorm."""
+    spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="LayerNorm")
+    attention = dataclasses.replace(
+        spec.submodules.self_attention, params={"attn_mask_type": AttnMaskType.padding}
+    )
+    submodules = dataclasses.replace(spec.submodules, self_attention=attention)
+    return dataclasses.replace(spec, submodules=submodules)

@@ -1,0 +1,136 @@
+"""Idefics2 on megatron-core: vision tower + connector + LLM, tensor and pipeline parallel.
+
+Stage 0 holds the vision tower, the connector and the token embedding; it merges image features into
+the text embeddings at `<image>` tokens. The LLM layers are split over all stages (megatron-core
+GPTModel); the last stage holds the head and the loss. The vocabulary is padded to a TP multiple and
+the padded logits are masked to -inf, so loss and softmax equal the unpadded model's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
+from megatron_patch.models.idefics2.connector import Connector
+from megatron_patch.models.idefics2.layer_specs import language_layer_spec
+from megatron_patch.models.idefics2.vision import VisionTransformer, patch_attention_mask
+
+
+class ImageTokenMismatch(ValueError):
+    """A sample's <image> tokens do not match its images' features (e.g. cut by --seq-length)."""
+
+
+class Idefics2Model(MegatronModule):
+    def __init__(self, configs: Idefics2Configs, pre_process: bool = True, post_process: bool = True, use_te: bool = False):
+        super().__init__(config=configs.language)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's pipeline schedules
+        self.configs = configs
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            self.vision_model = VisionTransformer(configs.vision, configs.patch_size, configs.image_size, use_te)
+            self.connector = Connector(
+                configs.projection, configs.perceiver, configs.vision.hidden_size, configs.image_seq_len
+            )
+        self.language_model = GPTModel(
+            config=configs.language,
+            transformer_layer_spec=language_layer_spec(use_te),
+            vocab_size=configs.padded_vocab_size,
+            max_sequence_length=1 << 20,  # RoPE is computed for the actual length; no table to size
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=configs.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=configs.rotary_base,
+        )
+        if post_process and configs.padded_vocab_size != configs.vocab_size:
+            self.language_model.output_layer.register_forward_hook(self._mask_padded_vocab)
+
+    def _mask_padded_vocab(self, module, inputs, output):
+        logits, bias = output
+        per_rank = self.configs.padded_vocab_size // self.configs.language.tensor_model_parallel_size
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        padded = torch.arange(start, start + per_rank, device=logits.device) >= self.configs.vocab_size
+        return logits.masked_fill(padded, float("-inf")), bias
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_features(self, pixel_values, pixel_attention_mask, image_mask) -> torch.Tensor:
+        """Features [num_real_images, latents, hidden] of the images `image_mask` marks real, in batch order."""
+        images = pixel_values[image_mask]
+        if images.shape[0] == 0:
+            return images.new_zeros(0, self.configs.image_seq_len, self.configs.language.hidden_size)
+        patch_mask = patch_attention_mask(pixel_attention_mask[image_mask].bool(), self.configs.patch_size)
+        hidden = self.vision_model(images, patch_mask)
+        flat_mask = patch_mask.flatten(1)
+        return self.connector(hidden[flat_mask], flat_mask.sum(dim=1))
+
+    def embed(self, input_ids, position_ids, pixel_values=None, pixel_attention_mask=None, image_mask=None):
+        """Token embeddings [s, b, h] (sequence-parallel split when enabled) with image features merged in."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+        is_image = input_ids == self.configs.image_token_id
+        images_per_sample = image_mask.sum(dim=1) if image_mask is not None else torch.zeros_like(input_ids[:, 0])
+        expected = images_per_sample * self.configs.image_seq_len
+        found = is_image.sum(dim=1)
+        if not torch.equal(found, expected):
+            b = int((found != expected).nonzero()[0])
+            raise ImageTokenMismatch(
+                f"sample {b} of the micro-batch has {int(found[b])} <image> tokens but {int(images_per_sample[b])} "
+                f"image(s) x {self.configs.image_seq_len} latents = {int(expected[b])} features; was the text "
+                f"truncated by --seq-length, or is the image mask wrong?"
+            )
+        if int(images_per_sample.sum()) == 0:
+            return embeddings
+        features = self.image_features(pixel_values, pixel_attention_mask, image_mask)
+        merged = torch.zeros(*input_ids.shape, features.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
+        merged[is_image] = features.reshape(-1, features.shape[-1]).to(embeddings.dtype)
+        merged, is_image = merged.transpose(0, 1).contiguous(), is_image.transpose(0, 1).contiguous()
+        if self.configs.language.sequence_parallel:
+            merged = tensor_parallel.scatter_to_sequence_parallel_region(merged)
+            is_image = tensor_parallel.scatter_to_sequence_parallel_region(is_image)
+        return torch.where(is_image.unsqueeze(-1), merged, embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        pixel_attention_mask: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] when `labels` (already shifted) are given, else vocab-parallel logits [b, s, v/tp].
+
+        pixel_values [b, max_images, 3, H, W], pixel_attention_mask [b, max_images, H, W] and
+        image_mask [b, max_images] (True for real images) are read on the first stage only.
+        """
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, position_ids, pixel_values, pixel_attention_mask, image_mask)
+        return self.language_model(
+            input_ids,
+            position_ids,
+            attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed_seq_params,
+        )
+
+
+def build_model(hf_config, opts: ParallelOptions) -> Idefics2Model:
+    """The model part this rank holds (needs megatron-core's parallel state to be initialised)."""
+    configs = build_configs(hf_config, opts)
+    return Idefics2Model(
+        configs,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_te=opts.use_transformer_engine,
+    )

@@ -1,0 +1,128 @@
+"""Perceiver resampler: learned latents cross-attend to each image's real patches, tensor parallel.
+
+Per image, keys/values are concat(image patches, latents) and queries are the latents (Idefics2's
+design). Only real patches are packed (no padding), so the attention is variable-length: one packed
+batch with `cu_seqlens`, run by `varlen_attention`.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from megatron_patch.models.idefics2.varlen_attention import varlen_attention
+
+
+def _rms_norm(config: TransformerConfig) -> nn.RMSNorm:
+    return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+
+
+def gated_mlp(config: TransformerConfig, input_size: int | None = None) -> MLP:
+    """megatron-core MLP with gate and up fused in linear_fc1 (SwiGLU-style)."""
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return MLP(config, submodules, input_size=input_size)
+
+
+class PackedImages:
+    """Index bookkeeping shared by every perceiver layer for one batch of images."""
+
+    def __init__(self, patches_per_image: torch.Tensor, num_latents: int):
+        device = patches_per_image.device
+        n = patches_per_image.numel()
+        self.num_images, self.num_latents = n, num_latents
+        kv_lengths = patches_per_image + num_latents
+        self.cu_seqlens_q = torch.arange(0, (n + 1) * num_latents, num_latents, device=device, dtype=torch.int32)
+        self.cu_seqlens_k = torch.nn.functional.pad(kv_lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_seqlen_k = int(kv_lengths.max())
+        # Order of concat(all patches, all latents) rows that lays out [patches_i, latents_i] per image.
+        total_patches = int(patches_per_image.sum())
+        patch_start = torch.nn.functional.pad(patches_per_image.cumsum(0), (1, 0))[:-1]
+        order = []
+        for i in range(n):
+            p0, p = int(patch_start[i]), int(patches_per_image[i])
+            order.append(torch.arange(p0, p0 + p, device=device))
+            order.append(torch.arange(num_latents, device=device) + total_patches + i * num_latents)
+        self.kv_order = torch.cat(order)
+
+
+class PerceiverAttention(MegatronModule):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config=config)
+        tp = config.tensor_model_parallel_size
+        self.head_dim = config.kv_channels
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.groups_per_rank = config.num_query_groups // tp
+        linear = dict(config=config, init_method=config.init_method, bias=False)
+        self.linear_q = ColumnParallelLinear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, gather_output=False, **linear
+        )
+        # k and v fused, interleaved per query group: [k_g, v_g] for each group g.
+        self.linear_kv = ColumnParallelLinear(
+            config.hidden_size, 2 * config.num_query_groups * self.head_dim, gather_output=False, **linear
+        )
+        self.linear_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, packed: PackedImages) -> torch.Tensor:
+        """latents [n*L, 1, h], context [patches, 1, h] -> [n*L, 1, h]."""
+        d = self.head_dim
+        q, _ = self.linear_q(latents)
+        kv, _ = self.linear_kv(torch.cat([context, latents], dim=0))
+        kv = kv[packed.kv_order].view(-1, self.groups_per_rank, 2, d)
+        out = varlen_attention(
+            q.view(-1, self.heads_per_rank, d),
+            kv[:, :, 0],
+            kv[:, :, 1],
+            packed.cu_seqlens_q,
+            packed.cu_seqlens_k,
+            packed.num_latents,
+            packed.max_seqlen_k,
+            scale=d**-0.5,
+        )
+        out, _ = self.linear_proj(out.reshape(latents.shape[0], 1, -1))
+        return out
+
+
+class PerceiverLayer(MegatronModule):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config=config)
+        self.input_latents_norm = _rms_norm(config)
+        self.input_context_norm = _rms_norm(config)
+        self.self_attention = PerceiverAttention(config)
+        self.pre_mlp_layernorm = _rms_norm(config)
+        self.mlp = gated_mlp(config)
+
+    def forward(self, latents, context, packed: PackedImages):
+        latents = latents + self.self_attention(
+            self.input_latents_norm(latents), self.input_context_norm(context), packed
+        )
+        out, _ = self.mlp(self.pre_mlp_layernorm(latents))
+        return latents + out
+
+
+class PerceiverResampler(MegatronModule):
+    def __init__(self, config: TransformerConfig, num_latents: int):
+        super().__init__(config=config)
+        self.num_latents = num_latents
+        self.latents = nn.Parameter(torch.ones(num_latents, config.hidden_size, dtype=config.params_dtype))
+        self.layers = nn.ModuleList([PerceiverLayer(config) for _ in range(config.num_layers)])
+        self.final_layernorm = _rms_norm(config)
+
+    def forward(self, context: torch.Tensor, patches_per_image: torch.Tensor) -> torch.Tensor:
+        """context [total_real_patches, h] packed image by image -> [num_images, num_latents, h]."""
+        packed = PackedImages(patches_per_image, self.num_latents)
+        latents = self.latents.repeat(packed.num_images, 1).unsqueeze(1)
+        context = context.unsqueeze(1)
+        for layer in self.layers:
+            latents = layer(latents, context, packed)
+        return self.final_layernorm(latents).view(packed.num_images, self.num_latents, -1)

@@ -1,0 +1,220 @@
+"""The one HF <-> megatron-core weight mapping of Idefics2: declarative tables plus the split rules.
+
+Each row says: megatron-core (canonical) name, HF name(s), and how the tensor is split over tensor-
+parallel ranks. `{i}` is a layer index. Model loading, both checkpoint converters and the parity tool
+all read these tables; nothing else in the project knows a parameter name.
+
+Split rules:
+- replicated: every TP rank holds the whole tensor.
+- column / row: split along dim 0 / dim 1.
+- vocab: rows padded with zeros to the padded vocabulary, then split along dim 0.
+- gated: HF (gate, up) -> each split along dim 0, rank r holds [gate_r; up_r] (megatron's fused fc1).
+- qkv: HF (q, k, v) -> interleaved per query group [q heads of g; k_g; v_g], then split along dim 0.
+- kv: HF (k, v) -> interleaved per query group [k_g; v_g], then split along dim 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_patch.models.idefics2.config import layers_per_stage, padded_vocab_size
+
+REPLICATED, COLUMN, ROW, VOCAB, GATED, QKV, KV = "replicated", "column", "row", "vocab", "gated", "qkv", "kv"
+
+_VISION_LAYER = [
+    ("self_attention.linear_qkv.layer_norm_weight", "layer_norm1.weight", REPLICATED),
+    ("self_attention.linear_qkv.layer_norm_bias", "layer_norm1.bias", REPLICATED),
+    ("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), QKV),
+    ("self_attention.linear_qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), QKV),
+    ("self_attention.linear_proj.weight", "self_attn.out_proj.weight", ROW),
+    ("self_attention.linear_proj.bias", "self_attn.out_proj.bias", REPLICATED),
+    ("mlp.linear_fc1.layer_norm_weight", "layer_norm2.weight", REPLICATED),
+    ("mlp.linear_fc1.layer_norm_bias", "layer_norm2.bias", REPLICATED),
+    ("mlp.linear_fc1.weight", "mlp.fc1.weight", COLUMN),
+    ("mlp.linear_fc1.bias", "mlp.fc1.bias", COLUMN),
+    ("mlp.linear_fc2.weight", "mlp.fc2.weight", ROW),
+    ("mlp.linear_fc2.bias", "mlp.fc2.bias", REPLICATED),
+]
+_VISION = [
+    ("embeddings.patch_embedding.weight", "embeddings.patch_embedding.weight", REPLICATED),
+    ("embeddings.patch_embedding.bias", "embeddings.patch_embedding.bias", REPLICATED),
+    ("embeddings.position_embedding.weight", "embeddings.position_embedding.weight", REPLICATED),
+    ("decoder.final_layernorm.weight", "post_layernorm.weight", REPLICATED),
+    ("decoder.final_layernorm.bias", "post_layernorm.bias", REPLICATED),
+]
+_PERCEIVER_LAYER = [
+    ("input_latents_norm.weight", "input_latents_norm.weight", REPLICATED),
+    ("input_context_norm.weight", "input_context_norm.weight", REPLICATED),
+    ("self_attention.linear_q.weight", "self_attn.q_proj.weight", COLUMN),
+    ("self_attention.linear_kv.weight", ("self_attn.k_proj.weight", "self_attn.v_proj.weight"), KV),
+    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", ROW),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", REPLICATED),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATED),
+    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", ROW),
+]
+_CONNECTOR = [
+    ("modality_projection.linear_fc1.weight", ("modality_projection.gate_proj.weight", "modality_projection.up_proj.weight"), GATED),
+    ("modality_projection.linear_fc2.weight", "modality_projection.down_proj.weight", ROW),
+    ("perceiver.latents", "perceiver_resampler.latents", REPLICATED),
+    ("perceiver.final_layernorm.weight", "perceiver_resampler.norm.weight", REPLICATED),
+]
+_LANGUAGE_LAYER = [
+    ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight", REPLICATED),
+    ("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), QKV),
+    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", ROW),
+    ("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm.weight", REPLICATED),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATED),
+    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", ROW),
+]
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """One megatron-core tensor (canonical global name) and the HF tensors it is made of."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    split: str
+    heads: Optional[tuple[int, int, int]] = None
+    """(attention heads, query groups, head dim) for the qkv / kv rules."""
+    vocab: Optional[int] = None
+    """True vocabulary size, for the vocab rule (the padded size follows from the TP size)."""
+    layer: Optional[int] = None
+    """Global LLM layer index, for pipeline placement; None for non-layer tensors."""
+    place: str = "first"
+    """Pipeline placement: 'first' stage, 'last' stage, or 'layer' (the stage holding `layer`)."""
+
+
+def _rows(table, mcore_prefix, hf_prefix, **extra) -> list[TensorMapping]:
+    out = []
+    for mcore, hf, split in table:
+        hf = (hf,) if isinstance(hf, str) else hf
+        out.append(TensorMapping(mcore_prefix + mcore, tuple(hf_prefix + h for h in hf), split, **extra))
+    return out
+
+
+def tensor_mappings(hf_config) -> list[TensorMapping]:
+    """Every tensor of the full model, in a stable order (layout independent)."""
+    v, p, t = hf_config.vision_config, hf_config.perceiver_config, hf_config.text_config
+    vision_heads = (v.num_attention_heads, v.num_attention_heads, v.hidden_size // v.num_attention_heads)
+    perceiver_heads = (p.resampler_n_heads, p.num_key_value_heads, p.resampler_head_dim)
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    text_heads = (t.num_attention_heads, t.num_key_value_heads, head_dim)
+
+    rows = _rows(_VISION, "vision_model.", "model.vision_model.")
+    for i in range(v.num_hidden_layers):
+        rows += _rows(_VISION_LAYER, f"vision_model.decoder.layers.{i}.", f"model.vision_model.encoder.layers.{i}.", heads=vision_heads)
+    rows += _rows(_CONNECTOR, "connector.", "model.connector.")
+    for i in range(p.resampler_depth):
+        rows += _rows(_PERCEIVER_LAYER, f"connector.perceiver.layers.{i}.", f"model.connector.perceiver_resampler.layers.{i}.", heads=perceiver_heads)
+    vocab = t.vocab_size
+    rows.append(TensorMapping("language_model.embedding.word_embeddings.weight", ("model.text_model.embed_tokens.weight",), VOCAB, vocab=vocab))
+    for i in range(t.num_hidden_layers):
+        rows += _rows(_LANGUAGE_LAYER, f"language_model.decoder.layers.{i}.", f"model.text_model.layers.{i}.", heads=text_heads, layer=i, place="layer")
+    rows.append(TensorMapping("language_model.decoder.final_layernorm.weight", ("model.text_model.norm.weight",), REPLICATED, place="last"))
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    head = "model.text_model.embed_tokens.weight" if tied else "lm_head.weight"
+    rows.append(TensorMapping("language_model.output_layer.weight", (head,), VOCAB, vocab=vocab, place="last"))
+    return rows
+
+
+def hf_tensor_names(hf_config) -> list[str]:
+    """HF tensor names the model consists of (each once, in mapping order)."""
+    seen = dict.fromkeys(name for m in tensor_mappings(hf_config) for name in m.hf)
+    return list(seen)
+
+
+# ---------------------------------------------------------------- pipeline placement
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    num_layers: int
+    pipeline_size: int
+    first_stage_layers: Optional[int] = None
+
+    def stage_sizes(self) -> list[int]:
+        return layers_per_stage(self.num_layers, self.pipeline_size, self.first_stage_layers)
+
+    def stage_of_layer(self, layer: int) -> tuple[int, int]:
+        """(stage, local index) of a global LLM layer."""
+        start = 0
+        for stage, size in enumerate(self.stage_sizes()):
+            if layer < start + size:
+                return stage, layer - start
+            start += size
+        raise IndexError(f"LLM layer {layer} is beyond the {self.num_layers} layers of the model")
+
+    def placements(self, m: TensorMapping, tied: bool) -> list[tuple[int, str]]:
+        """[(stage, local canonical name)] holding this tensor: a tied head lives on first and last stage."""
+        last = self.pipeline_size - 1
+        if m.place == "layer":
+            stage, local = self.stage_of_layer(m.layer)
+            prefix = f"language_model.decoder.layers.{m.layer}."
+            return [(stage, m.mcore.replace(prefix, f"language_model.decoder.layers.{local}.", 1))]
+        if m.place == "last":
+            if m.mcore.endswith("output_layer.weight") and tied and last == 0:
+                return []  # one stage: the head reads the embedding itself
+            return [(last, m.mcore)]
+        return [(0, m.mcore)]
+
+
+# ---------------------------------------------------------------- tensor-parallel split rules
+
+
+def _group_interleave(parts: Sequence[torch.Tensor], sizes: Sequence[int], groups: int) -> torch.Tensor:
+    """Concatenate parts group by group: part j contributes sizes[j] rows to each group."""
+    shaped = [x.reshape(groups, s, *x.shape[1:]) for x, s in zip(parts, sizes)]
+    return torch.cat(shaped, dim=1).reshape(-1, *parts[0].shape[1:])
+
+
+def _group_split(full: torch.Tensor, sizes: Sequence[int], groups: int) -> list[torch.Tensor]:
+    grouped = full.reshape(groups, sum(sizes), *full.shape[1:])
+    return [x.reshape(-1, *full.shape[1:]).contiguous() for x in torch.split(grouped, list(sizes), dim=1)]
+
+
+def _group_sizes(m: TensorMapping) -> list[int]:
+    heads, groups, head_dim = m.heads
+    kv = [head_dim, head_dim]
+    return ([heads // groups * head_dim] + kv) if m.split == QKV else kv
+
+
+def hf_to_mcore(m: TensorMapping, hf: Sequence[torch.Tensor], tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The shard of tensor `m` that TP rank `tp_rank` of `tp_size` holds, from its HF tensors."""
+    if m.split == REPLICATED:
+        return hf[0]
+    if m.split == COLUMN:
+        return hf[0].chunk(tp_size, dim=0)[tp_rank]
+    if m.split == ROW:
+        return hf[0].chunk(tp_size, dim=1)[tp_rank]
+    if m.split == VOCAB:
+        vocab = hf[0].shape[0]
+        pad = padded_vocab_size(vocab, tp_size) - vocab
+        full = torch.cat([hf[0], hf[0].new_zeros(pad, *hf[0].shape[1:])]) if pad else hf[0]
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    if m.split == GATED:
+        return torch.cat([x.chunk(tp_size, dim=0)[tp_rank] for x in hf])
+    if m.split in (QKV, KV):
+        full = _group_interleave(hf, _group_sizes(m), m.heads[1])
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    raise ValueError(f"unknown split rule {m.split!r} for {m.mcore}")
+
+
+def mcore_to_hf(m: TensorMapping, shards: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """HF tensors (in `m.hf` order) from the TP shards of tensor `m` (rank order)."""
+    if m.split == REPLICATED:
+        return [shards[0]]
+    if m.split == COLUMN:
+        return [torch.cat(shards, dim=0)]
+    if m.split == ROW:
+        return [torch.cat(shards, dim=1)]
+    if m.split == VOCAB:
+        return [torch.cat(shards, dim=0)[: m.vocab]]
+    if m.split == GATED:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+    if m.split in (QKV, KV):
+        return _group_split(torch.cat(shards, dim=0), _group_sizes(m), m.heads[1])
+    raise ValueError(f"unknown split rule {m.split!r} for {m.mcore}")

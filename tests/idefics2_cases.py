@@ -1,0 +1,127 @@
+"""Per-rank bodies of the Idefics2 model tests (run on N gloo ranks by the distributed harness)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_patch.models.idefics2.config import ParallelOptions
+from megatron_patch.models.idefics2.model import build_model
+from megatron_patch.models.idefics2.model_loading import (
+    assemble_hf_tensors,
+    load_hf_weights,
+    local_tensors,
+    pipeline_layout,
+)
+from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
+from megatron_patch.models.idefics2.tiny import randomize_weights, tiny_idefics2_config
+from megatron_patch.platform import init_distributed
+
+
+def tiny_hf_model(text: str, tied: bool, seed: int = 0):
+    from transformers import Idefics2ForConditionalGeneration
+
+    config = tiny_idefics2_config(text, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config).eval()
+    randomize_weights(model, seed)
+    return config, model
+
+
+def build_from_hf(config, hf_model, opts: ParallelOptions):
+    model = build_model(config, opts)
+    state = hf_model.state_dict()
+    load_hf_weights(model, state.__getitem__, config, opts)
+    return model
+
+
+def parity_case(text: str, tp: int, pp: int, num_images: int, tied: bool = False, first_stage_layers=None):
+    """Max abs diff per component between Megatron at tp x pp and transformers (on rank 0)."""
+    init_distributed(tp, pp, seed=1234)
+    config, hf_model = tiny_hf_model(text, tied)
+    opts = ParallelOptions(tp, pp, decoder_first_pipeline_num_layers=first_stage_layers)
+    model = build_from_hf(config, hf_model, opts).eval()
+    inputs = random_inputs(config, batch_size=2, num_images=num_images, seed=7)
+    ours = megatron_outputs([model], inputs, config.text_config.vocab_size)
+    if dist.get_rank() != 0:
+        return None
+    reference = hf_outputs(hf_model, inputs)
+    diffs = max_abs_diffs(ours, reference)
+    diffs["logit_std"] = float(reference["logits"].std())
+    return diffs
+
+
+def _shifted(inputs):
+    """Megatron-style labels: labels[i] is the token after position i; the last position counts nothing."""
+    ids = inputs["input_ids"]
+    labels = torch.roll(ids, -1, dims=1)
+    loss_mask = torch.ones_like(ids, dtype=torch.float32)
+    loss_mask[:, -1] = 0
+    return labels, loss_mask
+
+
+def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False):
+    """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0)."""
+    init_distributed(tp, pp, seed=1234)
+    config, hf_model = tiny_hf_model(text, tied)
+    opts = ParallelOptions(tp, pp)
+    model = build_from_hf(config, hf_model, opts)
+    inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
+    labels, loss_mask = _shifted(inputs)
+    batch_size, seq_len = labels.shape
+    position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        losses = chunk(
+            batch["input_ids"], position_ids, batch["pixel_values"], batch["pixel_attention_mask"],
+            batch["image_mask"], labels=labels,
+        )
+
+        def loss_func(per_token):
+            loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+            return loss, {"loss": loss.detach()}
+
+        return losses, loss_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([inputs]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=seq_len,
+        micro_batch_size=batch_size,
+        forward_only=False,
+    )
+    loss = float(out[0]["loss"]) if parallel_state.is_pipeline_last_stage() else None
+    mine = {
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(), k): v
+        for k, v in local_tensors(model, opts, grads=True).items()
+    }
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((loss, mine), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    shards = {}
+    for rank_loss, part in gathered:
+        loss = rank_loss if rank_loss is not None else loss
+        shards.update(part)
+    grads = assemble_hf_tensors(shards, config, pipeline_layout(config, opts), tp, sum_tied=True)
+    return loss, grads
+
+
+def hf_loss_and_grads(text: str, tied: bool = False):
+    """The same micro-batch through transformers' Idefics2: loss and gradients by HF name."""
+    config, hf_model = tiny_hf_model(text, tied)
+    inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
+    out = hf_model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        pixel_attention_mask=inputs["pixel_attention_mask"],
+        labels=inputs["input_ids"],
+    )
+    out.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in hf_model.named_parameters()}
+    return float(out.loss), grads
