@@ -1,0 +1,91 @@
+"""Check the Megatron Idefics2 against transformers' Idefics2 on the same random batch.
+
+    torchrun --nproc-per-node T*P check_hf_parity.py --hf-path HF_DIR \
+        --tensor-model-parallel-size T --pipeline-model-parallel-size P [--num-images K] [--seed S] \
+        [--atol A] [--bf16] [--save-outputs FILE.pt]
+
+Loads a saved HF checkpoint (save_pretrained layout), builds the Megatron model at T x P from it
+through the project's weight mapping, runs both on a batch of text with K images per sample of mixed
+sizes, prints the max abs difference per component and, last, `max_abs_logit_diff=<float>`.
+Exits 1 when that exceeds --atol. Every rank loads the HF checkpoint (it is the weight source).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hf-path", required=True, help="HF Idefics2 checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=2, help="images in the first sample (later ones have fewer)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=None, help="max allowed logit diff (default 1e-4 fp32, 5e-2 bf16)")
+    p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
+    p.add_argument("--save-outputs", default=None, help="write the inputs used and the Megatron logits here (.pt)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
+    from megatron_patch.models.idefics2.model import build_model
+    from megatron_patch.models.idefics2.model_loading import load_hf_weights
+    from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
+    from megatron_patch.platform import get_device, init_distributed
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    atol = args.atol if args.atol is not None else (5e-2 if args.bf16 else 1e-4)
+    config = Idefics2Config.from_pretrained(args.hf_path)
+    opts = ParallelOptions(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        params_dtype=dtype,
+    )
+    validate_layout(config, opts)  # before any process group or model exists
+    init_distributed(opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, seed=args.seed)
+    validate_layout(config, opts, world_size=dist.get_world_size())
+    device = get_device()
+    hf_model = Idefics2ForConditionalGeneration.from_pretrained(args.hf_path, dtype=dtype).eval()
+    model = build_model(config, opts)
+    state = hf_model.state_dict()
+    load_hf_weights(model, state.__getitem__, config, opts)
+    model = model.to(device).eval()
+
+    inputs = random_inputs(config, batch_size=args.batch_size, num_images=args.num_images, seed=args.seed)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    on_device = {k: v.to(device) for k, v in inputs.items()}
+    ours = megatron_outputs([model], on_device, config.text_config.vocab_size)
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return 0
+    reference = hf_outputs(hf_model.to(device), on_device)
+    diffs = max_abs_diffs(ours, {k: v.cpu() for k, v in reference.items()})
+    for name in ("vision", "connector"):
+        print(f"max_abs_{name}_diff={diffs[name]:.3e}")
+    if args.save_outputs:
+        torch.save({**inputs, "megatron_logits": ours["logits"]}, args.save_outputs)
+        print(f"saved inputs and Megatron logits to {args.save_outputs}")
+    print(f"max_abs_logit_diff={diffs['logits']:.3e}")
+    dist.barrier()
+    return 0 if diffs["logits"] <= atol else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    if dist.is_initialized():
+        verdict = torch.tensor([code])
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+        code = int(verdict)
+        dist.destroy_process_group()
+    sys.exit(code)
