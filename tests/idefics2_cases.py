@@ -61,11 +61,14 @@ def _shifted(inputs):
     return labels, loss_mask
 
 
-def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False):
-    """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0)."""
+def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, **options):
+    """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0).
+
+    `options` are extra ParallelOptions fields (activation recompute, ...).
+    """
     init_distributed(tp, pp, seed=1234)
     config, hf_model = tiny_hf_model(text, tied)
-    opts = ParallelOptions(tp, pp)
+    opts = ParallelOptions(tp, pp, **options)
     model = build_from_hf(config, hf_model, opts)
     inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
     labels, loss_mask = _shifted(inputs)
@@ -125,3 +128,22 @@ def hf_loss_and_grads(text: str, tied: bool = False):
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in hf_model.named_parameters()}
     return float(out.loss), grads
+
+
+def image_token_mismatch_case():
+    """Forward a sample whose <image> tokens were cut: returns the error message."""
+    from megatron_patch.models.idefics2.model import ImageTokenMismatch
+
+    init_distributed(1, 1, seed=1234)
+    config, hf_model = tiny_hf_model("mistral", False)
+    model = build_from_hf(config, hf_model, ParallelOptions())
+    inputs = random_inputs(config, batch_size=2, num_images=2, seed=3)
+    ids = inputs["input_ids"].clone()
+    first_image = int((ids[1] == config.image_token_id).nonzero()[0])
+    ids[1, first_image] = 0  # one <image> token of sample 1 lost, as truncation would do
+    position_ids = torch.arange(ids.shape[1]).unsqueeze(0).expand(2, -1)
+    try:
+        model(ids, position_ids, inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["image_mask"])
+    except ImageTokenMismatch as e:
+        return str(e)
+    return None

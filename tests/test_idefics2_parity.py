@@ -49,3 +49,19 @@ def test_loss_and_grads_match_transformers_and_layout(text):
         assert torch.allclose(split_grads[name], single_grads[name], atol=1e-6 * max(scale, 1.0), rtol=1e-5), name
     # Every tensor actually learns from this batch (a silently disconnected part would be zero).
     assert all(float(g.abs().max()) > 0 for g in hf_grads.values())
+
+
+def test_activation_recompute_changes_nothing():
+    base_loss, base_grads = run_distributed(2, cases.loss_and_grads_case, "mistral", 2, 1)[0]
+    loss, grads = run_distributed(
+        2, cases.loss_and_grads_case, "mistral", 2, 1,
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+    )[0]
+    assert loss == pytest.approx(base_loss, abs=1e-6)
+    for name, ref in base_grads.items():
+        assert torch.allclose(grads[name], ref, atol=1e-7, rtol=1e-5), name
+
+
+def test_image_tokens_not_matching_features_name_the_sample():
+    message = run_distributed(1, cases.image_token_mismatch_case)[0]
+    assert message is not None and "sample 1" in message and "--seq-length" in message

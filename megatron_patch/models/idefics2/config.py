@@ -46,8 +46,15 @@ class ParallelOptions:
     """--recompute-num-layers: layers per recompute unit (with full recompute)."""
     params_dtype: torch.dtype = torch.float32
     """Parameter dtype: torch.float32 or torch.bfloat16 (--bf16)."""
-    use_transformer_engine: bool = False
-    """Build layers from transformer-engine specs (chosen by the model builder when TE is importable)."""
+    use_transformer_engine: Optional[bool] = None
+    """Build layers from transformer-engine specs; None: use TE when it is importable."""
+
+    def uses_transformer_engine(self) -> bool:
+        if self.use_transformer_engine is None:
+            from megatron_patch.platform import accelerators
+
+            return accelerators()["transformer_engine"]
+        return self.use_transformer_engine
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
         raise ValueError(
             f"perceiver_config.hidden_size ({p.hidden_size}) must equal text_config.hidden_size ({t.hidden_size})"
         )
-    if opts.sequence_parallel and tp > 1 and not opts.use_transformer_engine:
+    if opts.sequence_parallel and tp > 1 and not opts.uses_transformer_engine():
         raise ValueError(
             "--sequence-parallel needs transformer-engine layers (megatron-core's torch norms do not support it); "
             "install transformer-engine or drop --sequence-parallel"

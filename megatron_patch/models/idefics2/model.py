@@ -132,5 +132,5 @@ def build_model(hf_config, opts: ParallelOptions) -> Idefics2Model:
         configs,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        use_te=opts.use_transformer_engine,
+        use_te=opts.uses_transformer_engine(),
     )

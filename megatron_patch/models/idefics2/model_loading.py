@@ -46,7 +46,7 @@ def load_hf_weights(model, get_hf_tensor: Callable[[str], torch.Tensor], hf_conf
     filled = set()
     with torch.no_grad():
         for local, m in stage_mappings(hf_config, opts, stage).items():
-            name = canonical_to_module_name(local, opts.use_transformer_engine)
+            name = canonical_to_module_name(local, opts.uses_transformer_engine())
             if name not in params:
                 raise KeyError(f"model has no parameter {name} (mapped from {', '.join(m.hf)})")
             shard = hf_to_mcore(m, [get_hf_tensor(h) for h in m.hf], tp_rank, tp_size)
@@ -70,7 +70,7 @@ def local_tensors(model, opts: ParallelOptions, grads: bool = False) -> dict[str
         if tensor is None:
             tensor = getattr(param, "main_grad", None) if grads else None
         if tensor is not None:
-            out[module_to_canonical_name(name, opts.use_transformer_engine)] = tensor.detach().cpu()
+            out[module_to_canonical_name(name, opts.uses_transformer_engine())] = tensor.detach().cpu()
     return out
 
 

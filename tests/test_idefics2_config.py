@@ -1,0 +1,49 @@
+"""Bad layouts fail before any model is built, with one line that names what to change."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_patch.models.idefics2.config import ParallelOptions, build_configs, layers_per_stage, validate_layout
+from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
+
+
+@pytest.mark.parametrize(
+    "opts,world_size,expected",
+    [
+        (ParallelOptions(tensor_model_parallel_size=3), None, "--tensor-model-parallel-size 3 does not divide"),
+        (ParallelOptions(tensor_model_parallel_size=4), None, "perceiver num_key_value_heads"),
+        (ParallelOptions(pipeline_model_parallel_size=3), None, "do not split evenly over --pipeline-model-parallel-size 3"),
+        (ParallelOptions(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=4), None, "--decoder-first-pipeline-num-layers 4"),
+        (ParallelOptions(decoder_first_pipeline_num_layers=1), None, "needs --pipeline-model-parallel-size >= 2"),
+        (ParallelOptions(tensor_model_parallel_size=2), 3, "world size 3 is not divisible"),
+        (ParallelOptions(tensor_model_parallel_size=2, sequence_parallel=True), None, "--sequence-parallel needs transformer-engine"),
+    ],
+)
+def test_bad_layouts_raise_one_clear_line(opts, world_size, expected):
+    config = tiny_idefics2_config("mistral")  # 4 vision heads, 2 perceiver kv heads, 4 LLM layers
+    with pytest.raises(ValueError) as info:
+        validate_layout(config, opts, world_size)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_good_layouts_pass_and_pad_the_vocabulary():
+    config = tiny_idefics2_config("mistral")  # vocabulary 101
+    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]:
+        validate_layout(config, ParallelOptions(tp, pp), world_size=tp * pp * 2)
+    configs = build_configs(config, ParallelOptions(tensor_model_parallel_size=2))
+    assert (configs.vocab_size, configs.padded_vocab_size) == (101, 102)
+    assert configs.language.num_query_groups == 2 and configs.language.kv_channels == 12
+    assert configs.perceiver.num_query_groups == 2 and configs.perceiver.kv_channels == 8
+
+
+def test_uneven_first_stage():
+    assert layers_per_stage(10, 4, first_stage_layers=1) == [1, 3, 3, 3]
+    assert layers_per_stage(8, 2) == [4, 4]
+
+
+def test_unsupported_rope_scaling_is_refused():
+    config = tiny_idefics2_config("llama")
+    config.text_config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        build_configs(config, ParallelOptions())
