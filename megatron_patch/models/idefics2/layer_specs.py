@@ -22,23 +22,24 @@ _LOCAL_NAMES = {
 }
 
 
-def canonical_to_module_name(name: str, use_te: bool) -> str:
-    """Name of a canonical checkpoint parameter inside a model built with (use_te) specs."""
+def _rename(name: str, use_te: bool, pairs) -> str:
+    # Only TransformerBlock layers have TE-fused norms; the perceiver's own norms keep their names.
     if use_te or ".decoder.layers." not in name:
         return name
-    for canonical, local in _LOCAL_NAMES.items():
-        if canonical in name:
-            return name.replace(canonical, local)
+    for old, new in pairs:
+        if old in name:
+            return name.replace(old, new)
     return name
+
+
+def canonical_to_module_name(name: str, use_te: bool) -> str:
+    """Name of a canonical checkpoint parameter inside a model built with (use_te) specs."""
+    return _rename(name, use_te, _LOCAL_NAMES.items())
 
 
 def module_to_canonical_name(name: str, use_te: bool) -> str:
-    if use_te or ".decoder.layers." not in name:
-        return name
-    for canonical, local in _LOCAL_NAMES.items():
-        if local in name:
-            return name.replace(local, canonical)
-    return name
+    """Canonical checkpoint name of a parameter of a model built with (use_te) specs."""
+    return _rename(name, use_te, [(local, canonical) for canonical, local in _LOCAL_NAMES.items()])
 
 
 def language_layer_spec(use_te: bool) -> ModuleSpec:
