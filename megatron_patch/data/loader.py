@@ -1,0 +1,253 @@
+"""Training / validation data loader: resumable sampler -> workers -> read -> decode -> encode -> collate.
+
+::
+
+    loader = ResumableLoader(["/data/shards/a", "/data/shards/b"], weights=[0.7, 0.3],
+                             encode=encode, collate=collate, micro_batch_size=2, seed=1234,
+                             dp_rank=rank, dp_size=world, consumed_samples=ckpt_consumed,
+                             num_workers=2)
+    for batch in loader:              # infinite unless total_samples is given
+        ...                           # batch = collate(...) + batch["data_stats"]
+        state = loader.state_dict()   # {"consumed_samples": ..., "stats": ...} for checkpoints
+
+* The order and the DP slicing come from ``sampler`` (read its docstring for the
+  ``consumed_samples`` and substitute conventions). One micro-batch = one sampler item =
+  one call of ``_MicroBatchReader[slots]`` in one worker; torch's DataLoader returns
+  batches in sampler order, so the result does not depend on ``num_workers``.
+* Randomness inside ``encode`` is seeded per sample from (seed, position), and the caller's
+  RNG states are restored afterwards, so augmentations are the same on any worker count.
+* Per-sample failures (``BadSample`` from reading, undecodable images, ``SkipSample`` from
+  ``encode``) are counted by reason and shard, the slot falls back to its next substitute.
+  Only damaged data (``BadSample``) is "bad"; the encoder's policy skips are counted as
+  "skipped". When bad / seen exceeds ``max_bad_sample_fraction`` (after
+  ``min_samples_before_check`` reads), ``DataQualityError`` names the shard with the most bad samples.
+* ``consumed_samples`` counts batches handed to the caller, not batches prefetched.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import random
+import warnings
+from collections import Counter
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megatron_patch.data.errors import BadSample, DataQualityError, SkipSample
+from megatron_patch.data.sampler import DistributedSampler, GlobalOrder, mix64
+from megatron_patch.data.shards import ShardedDataset
+
+UNDECODABLE_IMAGE = "undecodable_image"
+_TAG_WORKER, _TAG_SAMPLE = 0x776B, 0x736D
+
+
+def decode_image(blob: bytes, shard: str, key: str, i: int) -> Image.Image:
+    """Fully decode image bytes; ``BadSample(undecodable_image)`` when PIL cannot."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(blob))
+            image.load()
+        return image
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise BadSample(UNDECODABLE_IMAGE, shard, f"{key}.{i}", str(exc)) from exc
+
+
+def _seed_host_rngs(seed: int) -> None:
+    """Seed python, numpy and torch CPU RNGs (data-local; project-wide: platform.seeding.set_seed)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int, seed: int, dp_rank: int) -> None:
+    _seed_host_rngs(mix64(seed, _TAG_WORKER, dp_rank, worker_id) % (1 << 63))
+
+
+def _identity(batch):
+    return batch
+
+
+class _SampleRng:
+    """Seed the global RNGs for one sample, restore the caller's states afterwards."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        _seed_host_rngs(self.seed)
+
+    def __exit__(self, *exc):
+        random.setstate(self.saved[0])
+        np.random.set_state(self.saved[1])
+        torch.set_rng_state(self.saved[2])
+
+
+class _MicroBatchReader(torch.utils.data.Dataset):
+    """``reader[slots]`` -> collated micro-batch with its per-batch ``data_stats``."""
+
+    def __init__(self, datasets, encode, collate, seed):
+        self.datasets, self.encode, self.collate, self.seed = datasets, encode, collate, seed
+
+    def _load(self, position: int, ds: int, idx: int):
+        raw = self.datasets[ds].read(idx)
+        images = [decode_image(b, raw.shard, raw.key, i) for i, b in enumerate(raw.images)]
+        with _SampleRng(mix64(self.seed, _TAG_SAMPLE, position) % (1 << 63)):
+            try:
+                return self.encode(raw.record, images)
+            except SkipSample as exc:
+                # The encoder's own skips (too long, nothing to train on) are policy, not damaged
+                # data: located and counted, but kept out of the bad-sample fraction.
+                if not isinstance(exc, BadSample):
+                    exc.shard = raw.shard
+                raise
+
+    def __getitem__(self, slots: Sequence[tuple]):
+        samples, reasons, shards = [], Counter(), Counter()
+        seen = bad = substituted = dropped = 0
+        for slot in slots:
+            for attempt, (position, ds, idx) in enumerate(slot):
+                seen += 1
+                try:
+                    samples.append(self._load(position, ds, idx))
+                except SkipSample as exc:
+                    reasons[exc.reason] += 1
+                    if isinstance(exc, BadSample):
+                        bad += 1
+                        shards[exc.shard or self.datasets[ds].locate(idx)[0]] += 1
+                    continue
+                substituted += attempt > 0
+                break
+            else:
+                dropped += 1
+        if not samples:
+            worst = shards.most_common(1)[0][0] if shards else "?"
+            raise DataQualityError(f"no usable sample for the micro-batch at position "
+                                   f"{slots[0][0][0]} (all substitutes failed; most in shard {worst})")
+        batch = self.collate(samples)
+        if not isinstance(batch, dict):
+            raise TypeError(f"collate must return a dict, got {type(batch).__name__}")
+        batch["data_stats"] = {"seen": seen, "bad": bad, "skipped": sum(reasons.values()) - bad,
+                               "substituted": substituted,
+                               "dropped": dropped, "by_reason": dict(reasons), "by_shard": dict(shards)}
+        return batch
+
+
+class ResumableLoader:
+    """Iterable of micro-batches for one data-parallel rank; restartable at any consumed_samples."""
+
+    def __init__(self, datasets: Sequence, weights: Sequence[float] | None = None, *,
+                 encode: Callable, collate: Callable, micro_batch_size: int, seed: int = 1234,
+                 dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
+                 total_samples: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
+                 shuffle: bool = True, max_bad_sample_fraction: float = 0.01,
+                 min_samples_before_check: int = 100, num_substitutes: int = 3):
+        if not 0 <= max_bad_sample_fraction <= 1:
+            raise ValueError(f"--max-bad-sample-fraction must be in [0, 1], got {max_bad_sample_fraction}")
+        if num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+        self.datasets = [d if isinstance(d, ShardedDataset) else ShardedDataset(d) for d in datasets]
+        self.order = GlobalOrder([len(d) for d in self.datasets], weights, seed, shuffle)
+        self.reader = _MicroBatchReader(self.datasets, encode, collate, seed)
+        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.micro_batch_size, self.total_samples = micro_batch_size, total_samples
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.max_bad_sample_fraction = max_bad_sample_fraction
+        self.min_samples_before_check = min_samples_before_check
+        self.num_substitutes = num_substitutes
+        self.consumed_samples = consumed_samples
+        self.stats = {"seen": 0, "bad": 0, "skipped": 0, "substituted": 0, "dropped": 0,
+                      "by_reason": Counter(), "by_shard": Counter()}
+        self._sampler()  # validate rank / sizes now, not at first iteration
+
+    def _sampler(self) -> DistributedSampler:
+        return DistributedSampler(self.order, self.micro_batch_size, self.dp_rank, self.dp_size,
+                                  self.consumed_samples, self.total_samples, self.num_substitutes)
+
+    def __iter__(self):
+        sampler = self._sampler()
+        loader = torch.utils.data.DataLoader(
+            self.reader, batch_size=None, sampler=sampler, collate_fn=_identity,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            worker_init_fn=functools.partial(_worker_init, seed=self.seed, dp_rank=self.dp_rank),
+            # Own generator: building the iterator must not draw from the global torch RNG.
+            generator=torch.Generator().manual_seed(self.seed))
+        for batch in loader:
+            self._account(batch.pop("data_stats"))
+            self.consumed_samples += sampler.step_size
+            batch["data_stats"] = self.snapshot()
+            yield batch
+
+    def _account(self, delta: dict) -> None:
+        s = self.stats
+        for k in ("seen", "bad", "skipped", "substituted", "dropped"):
+            s[k] += delta[k]
+        s["by_reason"].update(delta["by_reason"])
+        s["by_shard"].update(delta["by_shard"])
+        if s["seen"] >= self.min_samples_before_check and \
+                s["bad"] > self.max_bad_sample_fraction * s["seen"]:
+            shard, n = s["by_shard"].most_common(1)[0]
+            raise DataQualityError(
+                f"{s['bad']}/{s['seen']} samples bad ({s['bad'] / s['seen']:.1%} > "
+                f"--max-bad-sample-fraction {self.max_bad_sample_fraction:.1%}) on dp rank "
+                f"{self.dp_rank}; worst shard {shard} ({n} bad); reasons {dict(s['by_reason'])}")
+
+    def snapshot(self) -> dict:
+        """Cumulative counters for logging (this rank, since construction / load_state_dict)."""
+        s = self.stats
+        return {"seen": s["seen"], "bad": s["bad"], "skipped": s["skipped"], "substituted": s["substituted"],
+                "dropped": s["dropped"], "bad_fraction": s["bad"] / max(s["seen"], 1),
+                "by_reason": dict(s["by_reason"]), "consumed_samples": self.consumed_samples}
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples,
+                "stats": {**self.stats, "by_reason": dict(self.stats["by_reason"]),
+                          "by_shard": dict(self.stats["by_shard"])}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+        stats = state.get("stats")
+        if stats:
+            self.stats = {**stats, "by_reason": Counter(stats["by_reason"]),
+                          "by_shard": Counter(stats["by_shard"])}
+        self._sampler()
+
+
+def add_data_arguments(parser):
+    """Register the loader's Megatron-style flags (for entry points that do not define them)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", nargs="+", help="shard dirs, optionally weighted: 0.7 dirA 0.3 dirB")
+    group.add_argument("--valid-data-path", nargs="+", default=None)
+    group.add_argument("--num-workers", type=int, default=2)
+    group.add_argument("--max-bad-sample-fraction", type=float, default=0.01)
+    return parser
+
+
+def build_train_valid_loaders(args, encode: Callable, collate: Callable, dp_rank: int, dp_size: int):
+    """(train, valid or None) loaders from Megatron-style ``args``.
+
+    Reads ``data_path``, ``valid_data_path``, ``seed``, ``micro_batch_size``, ``num_workers``,
+    ``max_bad_sample_fraction``, ``consumed_train_samples``, ``consumed_valid_samples`` and
+    ``train_samples`` (None: endless) from ``args``.
+    """
+    from megatron_patch.data.sampler import parse_data_path
+
+    common = dict(encode=encode, collate=collate, micro_batch_size=args.micro_batch_size,
+                  seed=args.seed, dp_rank=dp_rank, dp_size=dp_size,
+                  num_workers=getattr(args, "num_workers", 2),
+                  max_bad_sample_fraction=getattr(args, "max_bad_sample_fraction", 0.01))
+    dirs, weights = parse_data_path(args.data_path, "--data-path")
+    train = ResumableLoader(dirs, weights, shuffle=True,
+                            consumed_samples=getattr(args, "consumed_train_samples", 0),
+                            total_samples=getattr(args, "train_samples", None), **common)
+    valid = None
+    if getattr(args, "valid_data_path", None):
+        dirs, weights = parse_data_path(args.valid_data_path, "--valid-data-path")
+        valid = ResumableLoader(dirs, weights, shuffle=False,
+                                consumed_samples=getattr(args, "consumed_valid_samples", 0), **common)
+    return train, valid

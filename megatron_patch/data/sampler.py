@@ -1,0 +1,210 @@
+"""Resumable global sample order over a blend of datasets, sliced over data-parallel ranks.
+
+Global order
+------------
+A *position* p = 0, 1, 2, ... counts samples across the whole run; epoch e = p // L where
+L (``epoch_length``) = total number of samples over all datasets. What sits at p is a pure
+function of (seed, epoch, p):
+
+* Blend: dataset d gets a fixed quota q_d of the L slots of every epoch (largest-remainder
+  rounding of w_d * L; without weights w_d is proportional to its size, so q_d = n_d and an
+  epoch visits every sample exactly once, Megatron's unweighted behaviour). The slot
+  layout of epoch e is a seeded shuffle of ``repeat(d, q_d)``.
+* Within dataset d the k-th draw (k counted over all epochs: k = e * q_d + t) is
+  ``perm(seed, d, k // n_d)[k % n_d]``: a fresh seeded permutation per pass over d.
+* ``shuffle=False`` (validation) keeps datasets concatenated in stored order.
+
+Data-parallel slicing (Megatron's ``MegatronPretrainingSampler`` convention)
+--------------------------------------------------------------------------
+``consumed_samples`` is global. Each micro-batch step covers the next G = mbs * dp_size
+positions [c, c + G); rank r takes [c + r * mbs, c + (r + 1) * mbs); then c += G. The
+global sequence never depends on dp_size or on loader workers, so a run may resume from
+any ``consumed_samples`` with another dp_size and the ranks together continue exactly
+where the previous run stopped.
+
+Substitutes (how skipped samples keep the order resumable)
+----------------------------------------------------------
+A slot's sample may turn out unusable (corrupt bytes, ``SkipSample`` from the encoder).
+Filling the batch from "the next positions" would make each rank's consumption depend on
+what the other ranks skipped, so a single global ``consumed_samples`` could not restore it.
+Instead every slot carries ``1 + num_substitutes`` candidates: its own position, then
+substitute positions drawn by hashing (seed, p, attempt) into p's epoch. The loader uses the
+first candidate that works. Positions, not samples, are consumed: a step always advances
+``consumed_samples`` by G, and what fills each slot is a pure function of (seed, p), so a
+resumed run repeats the uninterrupted one exactly, with skips, on any worker count.
+The price: a substitute may repeat a sample of the same epoch (at most the bad fraction).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+_TAG_LAYOUT, _TAG_PERM, _TAG_SUB = 0x6C61, 0x7065, 0x7375  # keep the RNG streams apart
+_MASK64 = (1 << 64) - 1
+
+
+def parse_data_path(items: list[str], flag: str = "--data-path") -> tuple[list[str], list[float] | None]:
+    """Megatron-style ``[w1 dir1 w2 dir2 ...]`` or ``[dir1 dir2 ...]`` -> (dirs, weights or None)."""
+    items = [str(i) for i in items]
+    if not items:
+        raise ValueError(f"{flag} is empty")
+
+    def as_float(s):
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+    if len(items) % 2 == 0 and all(as_float(w) is not None for w in items[0::2]):
+        weights, dirs = [float(w) for w in items[0::2]], items[1::2]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"{flag}: blend weights must be >= 0 and not all 0, got {weights}")
+        return dirs, weights
+    if any(as_float(i) is not None for i in items):
+        raise ValueError(f"{flag}: give either 'dir ...' or 'weight dir weight dir ...', got {items}")
+    return items, None
+
+
+def blend_quotas(sizes: list[int], weights: list[float] | None) -> list[int]:
+    """Slots per epoch for each dataset; they sum to ``sum(sizes)``."""
+    total = sum(sizes)
+    if weights is None:
+        return list(sizes)
+    if len(weights) != len(sizes):
+        raise ValueError(f"{len(weights)} blend weights for {len(sizes)} datasets")
+    for n, w in zip(sizes, weights):
+        if n == 0 and w > 0:
+            raise ValueError("a dataset with blend weight > 0 has no samples")
+    share = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * total
+    quotas = np.floor(share).astype(np.int64)
+    # Largest remainder; ties go to the lower dataset index (stable sort).
+    order = np.argsort(-(share - quotas), kind="stable")
+    quotas[order[: total - int(quotas.sum())]] += 1
+    return [int(q) for q in quotas]
+
+
+def mix64(*values: int) -> int:
+    """Deterministic 64-bit hash of integers (splitmix64 chain); used for all derived seeds."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+class GlobalOrder:
+    """Maps global positions to (dataset index, sample index) for a blend of datasets."""
+
+    def __init__(self, sizes: list[int], weights: list[float] | None = None, seed: int = 1234,
+                 shuffle: bool = True):
+        if not sizes or sum(sizes) == 0 or any(n < 0 for n in sizes):
+            raise ValueError(f"dataset sizes must be >= 0 with at least one sample, got {sizes}")
+        if seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {seed}")
+        self.sizes = [int(n) for n in sizes]
+        self.quotas = blend_quotas(self.sizes, weights)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch_length = sum(self.sizes)
+        self._epochs: dict = {}
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    def _draws(self, d: int, k: np.ndarray) -> np.ndarray:
+        """Sample indices of dataset d for its draws number k (over all epochs)."""
+        n = self.sizes[d]
+        cycles, offsets = np.divmod(k, n)
+        if not self.shuffle:
+            return offsets
+        out = np.empty_like(k)
+        for c in np.unique(cycles):
+            sel = cycles == c
+            out[sel] = self._rng(_TAG_PERM, d, int(c)).permutation(n)[offsets[sel]]
+        return out
+
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset ids, sample ids) of all L positions of epoch e (cached, two epochs kept)."""
+        if e in self._epochs:
+            return self._epochs[e]
+        layout = np.repeat(np.arange(len(self.sizes), dtype=np.int32), self.quotas)
+        if self.shuffle:
+            layout = self._rng(_TAG_LAYOUT, e).permutation(layout)
+        samples = np.empty(self.epoch_length, dtype=np.int64)
+        for d, q in enumerate(self.quotas):
+            if q:
+                samples[layout == d] = self._draws(d, e * q + np.arange(q, dtype=np.int64))
+        if len(self._epochs) >= 2:
+            self._epochs.pop(min(self._epochs))
+        self._epochs[e] = (layout, samples)
+        return layout, samples
+
+    def lookup(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions (any epochs) -> (dataset ids, sample ids)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and positions.min() < 0:
+            raise ValueError("positions must be >= 0")
+        epochs, offsets = np.divmod(positions, self.epoch_length)
+        ds = np.empty(positions.shape, dtype=np.int64)
+        idx = np.empty(positions.shape, dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            layout, samples = self.epoch(int(e))
+            ds[sel], idx[sel] = layout[offsets[sel]], samples[offsets[sel]]
+        return ds, idx
+
+    def substitutes(self, positions, attempt: int) -> np.ndarray:
+        """Substitute position number ``attempt`` (>= 1) for each position, in the same epoch."""
+        L = self.epoch_length
+        return np.array([(p // L) * L + mix64(self.seed, _TAG_SUB, p, attempt) % L
+                         for p in np.asarray(positions, dtype=np.int64).tolist()], dtype=np.int64)
+
+
+class DistributedSampler:
+    """Yields, for one data-parallel rank, the slots of each of its micro-batches.
+
+    A slot is a tuple of candidates ``((position, dataset, sample), ...)``: the slot's own
+    position first, then ``num_substitutes`` substitutes (see the module docstring).
+    """
+
+    def __init__(self, order: GlobalOrder, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, consumed_samples: int = 0, total_samples: int | None = None,
+                 num_substitutes: int = 3):
+        if micro_batch_size < 1:
+            raise ValueError(f"--micro-batch-size must be >= 1, got {micro_batch_size}")
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"data-parallel rank {dp_rank} is not in [0, {dp_size})")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        if total_samples is not None and consumed_samples > total_samples:
+            raise ValueError(f"consumed_samples {consumed_samples} > total samples {total_samples}")
+        self.order = order
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+        self.total_samples = total_samples
+        self.num_substitutes = num_substitutes
+
+    @property
+    def step_size(self) -> int:
+        """Positions consumed by one micro-batch step over all ranks (mbs * dp_size)."""
+        return self.micro_batch_size * self.dp_size
+
+    def slots(self, start: int) -> list[tuple]:
+        """This rank's slots for the step that starts at global position ``start``."""
+        own = start + self.dp_rank * self.micro_batch_size + np.arange(self.micro_batch_size)
+        cands = [own] + [self.order.substitutes(own, a) for a in range(1, self.num_substitutes + 1)]
+        flat = np.concatenate(cands)
+        ds, idx = self.order.lookup(flat)
+        rows = np.stack([flat, ds, idx], axis=1).reshape(len(cands), len(own), 3)
+        return [tuple((int(p), int(d), int(i)) for p, d, i in rows[:, s])
+                for s in range(len(own))]
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        start = self.consumed_samples
+        while self.total_samples is None or start + self.step_size <= self.total_samples:
+            yield self.slots(start)
+            start += self.step_size
