@@ -1,0 +1,1 @@
+"""Test package: importable as `tests` so distributed jobs can name their module-level functions."""
