@@ -1,0 +1,113 @@
+"""Load a checkpoint saved at one TP/PP layout into a model part laid out at any other.
+
+The source ranks' shards of a tensor are merged back into the HF tensors with `mcore_to_hf` and the
+target rank's shard is cut from them with `hf_to_mcore` (inside `load_hf_weights`): the one weight
+mapping, no second name table. Each target rank reads only the tensors of its own pipeline stage,
+one mapping at a time, so memory stays at about one full tensor beyond the model part.
+
+    iteration = load_model_weights(model, "ckpts/run1", opts)        # the tracker's iteration
+    iteration = load_model_weights(model, "ckpts/run1", opts, iteration=2000)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_patch.checkpoint.config_files import HF_CONFIG_DIR, read_idefics2_config
+from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.checkpoint.info import CheckpointInfo
+from megatron_patch.checkpoint.layout import Iteration, rank_dir_name, resolve_iteration
+from megatron_patch.checkpoint.model_files import RankReader
+from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
+from megatron_patch.models.idefics2.weight_mapping import TensorMapping, mcore_to_hf, tensor_mappings
+
+
+class ShardedCheckpoint:
+    """One iteration folder opened for reading: its info, its HF config, its ranks' tensors (lazy)."""
+
+    def __init__(self, iteration_dir, hf_config=None):
+        self.dir = Path(iteration_dir)
+        self.info = CheckpointInfo.read(self.dir)
+        self.hf_config = hf_config if hf_config is not None else read_idefics2_config(self.dir / HF_CONFIG_DIR)
+        self.layout = self.info.pipeline_layout(self.hf_config)
+        self.tp_size = self.info.tensor_model_parallel_size
+        try:
+            validate_layout(self.hf_config, self.info.parallel_options())
+        except ValueError as err:
+            raise CheckpointError(f"{self.dir}: saved layout does not fit its config: {err}") from None
+        self.tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        self._readers: dict[tuple, RankReader] = {}
+        self._source: dict[str, tuple] = {}  # HF name -> (mapping, stage, local) it is merged from
+        for m in tensor_mappings(self.hf_config):
+            placements = self.layout.placements(m, self.tied)
+            for name in m.hf:
+                if placements and name not in self._source:
+                    self._source[name] = (m, *placements[0])
+        self._cached: tuple = (None, None)  # (mapping, its HF tensors): qkv/gated parts are asked for one by one
+
+    def ranks(self) -> list[tuple[int, int]]:
+        """(pipeline stage, TP rank) of every rank folder of the saved layout."""
+        return [(s, r) for s in range(self.layout.pipeline_size) for r in range(self.tp_size)]
+
+    def rank_dir(self, stage: int, tp_rank: int) -> Path:
+        return self.dir / rank_dir_name(tp_rank, stage, self.layout.pipeline_size)
+
+    def reader(self, stage: int, tp_rank: int) -> RankReader:
+        key = (stage, tp_rank)
+        if key not in self._readers:
+            self._readers[key] = RankReader(self.rank_dir(stage, tp_rank))
+        return self._readers[key]
+
+    def mcore_shards(self, stage: int, local: str) -> list[torch.Tensor]:
+        """The TP shards (rank order) of one megatron tensor of pipeline stage `stage`."""
+        shards = []
+        for r in range(self.tp_size):
+            reader = self.reader(stage, r)
+            if local not in reader:
+                raise CheckpointError(f"tensor {local} is missing from {reader.rank_dir}")
+            shards.append(reader.get(local))
+        return shards
+
+    def hf_tensors(self, m: TensorMapping, stage: int, local: str) -> list[torch.Tensor]:
+        """The HF tensors of mapping `m`, merged from its shards at (stage, local)."""
+        return mcore_to_hf(m, self.mcore_shards(stage, local))
+
+    def hf_tensor(self, name: str) -> torch.Tensor:
+        """One full HF tensor by name (what `load_hf_weights` asks for)."""
+        if name not in self._source:
+            raise CheckpointError(f"HF tensor {name} is not part of the Idefics2 mapping for {self.dir}")
+        m, stage, local = self._source[name]
+        if self._cached[0] is not m:
+            self._cached = (m, self.hf_tensors(m, stage, local))
+        return self._cached[1][m.hf.index(name)]
+
+
+def unwrap(model):
+    """The model part inside megatron-core wrappers (DDP, Float16Module), whose names are canonical."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def read_checkpoint_config(ckpt_dir, iteration: Optional[Iteration] = None):
+    """The HF Idefics2 config a checkpoint was built from (build the model from it: no architecture flags)."""
+    _, folder = resolve_iteration(ckpt_dir, iteration)
+    return read_idefics2_config(folder / HF_CONFIG_DIR)
+
+
+def load_model_weights(model, ckpt_dir, opts: ParallelOptions, iteration: Optional[Iteration] = None, hf_config=None) -> Iteration:
+    """Fill this rank's model part (built at `opts`; DDP / Float16Module wrappers are looked through)
+    from a checkpoint saved at any layout.
+
+    Needs megatron-core's parallel state (the target TP/PP ranks). Returns the iteration loaded.
+    Every parameter of the part must be filled, each with the shape the model expects.
+    """
+    from megatron_patch.models.idefics2.model_loading import load_hf_weights
+
+    iteration, folder = resolve_iteration(ckpt_dir, iteration)
+    source = ShardedCheckpoint(folder, hf_config)
+    validate_layout(source.hf_config, opts)
+    load_hf_weights(unwrap(model), source.hf_tensor, source.hf_config, opts)
+    return iteration

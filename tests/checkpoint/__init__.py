@@ -1,0 +1,1 @@
+"""Checkpoint layout, converter and resharding tests (importable: distributed jobs name functions here)."""

@@ -1,0 +1,143 @@
+"""Convert a Megatron Idefics2 checkpoint (any TP x PP) back into a Hugging Face checkpoint.
+
+    python toolkits/model_checkpoints_convertor/idefics2/mcore2hf.py \\
+        --load-path /ckpts/idefics2-8b-tp2-pp2 --save-path /models/idefics2-8b-finetuned \\
+        [--iteration 2000] [--max-shard-size 5GB] [--overwrite]
+
+Takes the tracker's iteration (or --iteration N / release), merges the TP shards and PP stages of
+each tensor through the model's weight mapping one tensor at a time, writes it straight into its
+planned place in its shard (memory: one merged tensor, whatever the shard size), and writes `config.json`,
+sharded safetensors with `model.safetensors.index.json`, and the tokenizer/processor files the
+checkpoint carries, so `Idefics2ForConditionalGeneration.from_pretrained(SAVE)` and
+`AutoProcessor.from_pretrained(SAVE)` load it. Before anything is published it checks that every
+rank tensor was read exactly once and every HF tensor was written with the expected shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from megatron_patch.checkpoint.config_files import (  # noqa: E402
+    CONFIG_FILE,
+    HF_CONFIG_DIR,
+    read_config_dict,
+    write_config_dir,
+)
+from megatron_patch.checkpoint.errors import CheckpointError  # noqa: E402
+from megatron_patch.checkpoint.hf_files import HFShardWriter  # noqa: E402
+from megatron_patch.checkpoint.layout import fresh_staging, parse_iteration, resolve_iteration, staging_path  # noqa: E402
+from megatron_patch.checkpoint.plan import hf_tensor_shapes, mapping_groups  # noqa: E402
+from megatron_patch.checkpoint.publish import publish  # noqa: E402
+from megatron_patch.checkpoint.reshard import ShardedCheckpoint  # noqa: E402
+from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
+from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
+from megatron_patch.checkpoint.verify import verify_rank_folders  # noqa: E402
+from megatron_patch.models.idefics2.weight_mapping import mcore_to_hf  # noqa: E402
+
+PROG = "mcore2hf"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load-path", required=True, help="Megatron checkpoint folder (with the tracker file)")
+    parser.add_argument("--save-path", required=True, help="HF output folder")
+    parser.add_argument("--iteration", default=None, help="iteration number or 'release' (default: the tracker's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different HF checkpoint at --save-path")
+    return parser.parse_args(argv)
+
+
+def check_save_path(save: Path, hf_config, overwrite: bool) -> None:
+    """Refuse early: a file, a non-empty folder that is no HF checkpoint, or another model's config."""
+    if save.exists() and not save.is_dir():
+        raise CheckpointError(f"--save-path {save} is a file, not a folder")
+    if not save.is_dir() or not any(p for p in save.iterdir() if not p.name.startswith(".")):
+        return
+    if not (save / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--save-path {save} is not empty and holds no HF checkpoint (no {CONFIG_FILE}); choose a new folder")
+    if overwrite:
+        return
+    ours = json.loads(hf_config.to_json_string())
+    theirs = read_config_dict(save)
+    for config in (ours, theirs):
+        config.pop("transformers_version", None)
+    if ours != theirs:
+        raise CheckpointError(f"--save-path {save} already holds a different HF checkpoint ({CONFIG_FILE} differs); pass --overwrite to replace it")
+
+
+def convert(args: argparse.Namespace) -> str:
+    summary = Summary(PROG)
+    load, save = Path(args.load_path), Path(args.save_path)
+    iteration = parse_iteration(args.iteration) if args.iteration is not None else None
+    iteration, folder = resolve_iteration(load, iteration)
+    source = ShardedCheckpoint(folder)
+    hf_config, layout, tp = source.hf_config, source.layout, source.tp_size
+    hf_shapes = hf_tensor_shapes(hf_config)
+    verify_rank_folders(folder, hf_config, layout, tp, hf_shapes)
+    check_save_path(save, hf_config, args.overwrite)
+    max_shard = parse_size(args.max_shard_size)
+
+    save.parent.mkdir(parents=True, exist_ok=True)
+    staging = fresh_staging(save)
+    try:
+        plan = {}  # HF name -> (dtype, shape): fixes the shard layout before any tensor is merged
+        for group in mapping_groups(hf_config):
+            stage, local = layout.placements(group[0], source.tied)[0]
+            dtype = source.reader(stage, 0).dtype(local)
+            plan.update({name: (dtype, hf_shapes[name]) for name in group[0].hf})
+        writer = HFShardWriter(staging, plan, max_shard)
+        uses = Counter()
+        bar = progress(None, total=len(hf_shapes), desc=PROG)
+        for group in mapping_groups(hf_config):
+            merged = None
+            for m in group:
+                for stage, local in layout.placements(m, source.tied):
+                    shards = source.mcore_shards(stage, local)
+                    uses.update((stage, r, local) for r in range(tp))
+                    summary.read_tensors += len(shards)
+                    summary.read_bytes += sum(s.nbytes for s in shards)
+                    tensors = mcore_to_hf(m, shards)
+                    if merged is None:
+                        merged = tensors
+                    elif not all(torch.equal(a, b) for a, b in zip(merged, tensors)):
+                        raise CheckpointError(
+                            f"{local} of pipeline stage {stage} should equal the tied embedding {m.hf[0]}, but differs"
+                        )
+            for name, tensor in zip(group[0].hf, merged):
+                writer.add(name, tensor)  # checks dtype and the shape config.json implies
+                summary.written_tensors += 1
+                summary.written_bytes += tensor.nbytes
+            del merged, shards, tensors
+            release_freed_memory()  # keep the resident size at one tensor group
+            bar.update(len(group[0].hf))
+        bar.close()
+        writer.close()  # checks every HF tensor was written
+
+        for stage, r in source.ranks():
+            for name in source.reader(stage, r).names():
+                if uses[(stage, r, name)] != 1:
+                    raise CheckpointError(
+                        f"tensor {name} of {source.rank_dir(stage, r)} was used {uses[(stage, r, name)]} times instead of once"
+                    )
+        write_config_dir(staging, hf_config, side_files_from=folder / HF_CONFIG_DIR)
+        status = publish(staging, save, args.overwrite, "HF checkpoint")
+    finally:
+        if staging_path(save).exists():
+            shutil.rmtree(staging_path(save))
+    return summary.line(save, f"{status}, iteration {iteration}")
+
+
+def main(argv=None) -> int:
+    return run_tool(PROG, lambda: convert(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
