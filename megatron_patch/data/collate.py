@@ -1,0 +1,97 @@
+"""Encoded samples (or packed sequences) -> one fixed-shape micro-batch.
+
+Every micro-batch is ``[B, seq_length]`` (Megatron schedules want fixed shapes). Keys:
+
+=======================  ===========================  ==========================================
+key                      shape, dtype                 meaning
+=======================  ===========================  ==========================================
+tokens                   [B, L] int64                 input ids; pad token after the real ones
+labels                   [B, L] int64                 target of each position (already shifted);
+                                                      0 on padding
+loss_mask                [B, L] float32               1.0 where labels count; 0 on padding
+position_ids             [B, L] int64                 0.. per sample (restart per packed sample;
+                                                      the padding tail counts from 0 too)
+attention_mask           [B, L] int64                 1 on real tokens, 0 on padding. HF-style
+                                                      padding mask, NOT megatron-core's [b,1,s,s]
+                                                      "True = masked" mask; with right padding
+                                                      and causal attention none is needed
+pixel_values             [B, N, 3, H, W] float32      vision inputs, zero-padded bottom/right to
+                                                      the batch's largest; N = most per row
+pixel_attention_mask     [B, N, H, W] bool            True on real pixels
+image_mask               [B, N] bool                  True for real vision inputs (padding images
+                                                      are never inferred from zero pixels)
+num_images               [B] int64                    real vision inputs per row
+cu_seqlens  (packed)     [S + 1] int32                sequence boundaries over the flattened
+                                                      [B * L] tokens: each packed sample is one
+                                                      segment and each row's padding tail another
+max_seqlen  (packed)     [] int32                     longest segment
+=======================  ===========================  ==========================================
+
+Vision inputs of a row are in the order of its ``<image>`` blocks (packed samples: concatenated in
+sample order), which is the order the model merges them in.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megatron_patch.data.image_processing import pad_images
+
+
+def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int) -> dict:
+    """Stack encoder outputs (``SampleEncoder.encode``) or packed sequences (``packing.pack``)."""
+    if not samples:
+        raise ValueError("collate got an empty list of samples")
+    batch, length = len(samples), int(seq_length)
+    tokens = torch.full((batch, length), int(pad_token_id), dtype=torch.int64)
+    labels = torch.zeros(batch, length, dtype=torch.int64)
+    loss_mask = torch.zeros(batch, length, dtype=torch.float32)
+    position_ids = torch.zeros(batch, length, dtype=torch.int64)
+    attention_mask = torch.zeros(batch, length, dtype=torch.int64)
+    packed = any("seq_lens" in s for s in samples)
+    boundaries = [0]
+    for b, s in enumerate(samples):
+        n = len(s["tokens"])
+        if n > length:
+            raise ValueError(f"sample {s.get('id', b)} has {n} tokens > --seq-length {length}; encode with the same seq_length")
+        tokens[b, :n] = s["tokens"]
+        labels[b, :n] = s["labels"]
+        loss_mask[b, :n] = s["loss_mask"]
+        position_ids[b, :n] = s["position_ids"]
+        position_ids[b, n:] = torch.arange(length - n)
+        attention_mask[b, :n] = 1
+        if packed:
+            row = b * length
+            for seg in s.get("seq_lens", [n]):
+                row += int(seg)
+                boundaries.append(row)
+            if n < length:
+                boundaries.append((b + 1) * length)  # the padding tail attends only to itself
+    pixel_values, pixel_attention_mask, image_mask = pad_images([s["pixel_values"] for s in samples])
+    out = {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "pixel_attention_mask": pixel_attention_mask,
+        "image_mask": image_mask,
+        "num_images": torch.tensor([len(s["pixel_values"]) for s in samples], dtype=torch.int64),
+    }
+    if packed:
+        cu = torch.tensor(boundaries, dtype=torch.int32)
+        out["cu_seqlens"] = cu
+        out["max_seqlen"] = (cu[1:] - cu[:-1]).max().to(torch.int32)
+    return out
+
+
+class Collator:
+    """``collate`` bound to one model's seq_length and pad token, for ``DataLoader(collate_fn=...)``."""
+
+    def __init__(self, seq_length: int, pad_token_id: int):
+        self.seq_length, self.pad_token_id = int(seq_length), int(pad_token_id)
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        return collate(samples, self.seq_length, self.pad_token_id)
