@@ -118,7 +118,12 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
     if first is not None:
         if pp < 2:
             raise ValueError("--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size >= 2")
-        if not 0 < first < n or (n - first) % (pp - 1) != 0:
+        if not 0 < first < n:
+            raise ValueError(
+                f"--decoder-first-pipeline-num-layers {first} must be between 1 and {n - 1}: the model has "
+                f"{n} LLM layers and every pipeline stage needs at least one"
+            )
+        if (n - first) % (pp - 1) != 0:
             raise ValueError(
                 f"--decoder-first-pipeline-num-layers {first} leaves {n - first} of {n} LLM layers, which do not "
                 f"split evenly over the other {pp - 1} pipeline stages"

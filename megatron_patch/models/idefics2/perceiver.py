@@ -39,13 +39,13 @@ class PackedImages:
         self.max_seqlen_k = int(kv_lengths.max())
         # Order of concat(all patches, all latents) rows that lays out [patches_i, latents_i] per image.
         total_patches = int(patches_per_image.sum())
-        patch_start = torch.nn.functional.pad(patches_per_image.cumsum(0), (1, 0))[:-1]
-        order = []
-        for i in range(n):
-            p0, p = int(patch_start[i]), int(patches_per_image[i])
-            order.append(torch.arange(p0, p0 + p, device=device))
-            order.append(torch.arange(num_latents, device=device) + total_patches + i * num_latents)
-        self.kv_order = torch.cat(order)
+        total_kv = total_patches + n * num_latents
+        image = torch.repeat_interleave(torch.arange(n, device=device), kv_lengths, output_size=total_kv)
+        local = torch.arange(total_kv, device=device) - self.cu_seqlens_k[image].long()
+        patches = patches_per_image[image]
+        patch_start = self.cu_seqlens_k[image].long() - image * num_latents
+        latent_row = total_patches + image * num_latents + local - patches
+        self.kv_order = torch.where(local < patches, patch_start + local, latent_row)
 
 
 class PerceiverAttention(MegatronModule):
