@@ -147,3 +147,57 @@ def image_token_mismatch_case():
     except ImageTokenMismatch as e:
         return str(e)
     return None
+
+
+def _pack_rows(inputs: dict, rows: list[list[int]]):
+    """Pack samples of `inputs` into rows (sample indices per row), as the data collator does:
+    tokens back to back, position ids restarting per sample, images in sample order, a padding
+    tail that is its own segment, and cu_seqlens over the b-major flattened tokens."""
+    from megatron_patch.data.packing import packed_seq_params
+
+    ids, mask, pixels, pixel_mask = (inputs[k] for k in ("input_ids", "image_mask", "pixel_values", "pixel_attention_mask"))
+    seq = ids.shape[1]
+    width = max(len(r) for r in rows) * seq
+    max_images = max(int(mask[r].sum()) for r in rows)
+    out_ids = torch.zeros(len(rows), width, dtype=ids.dtype)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    out_pixels = pixels.new_zeros(len(rows), max_images, *pixels.shape[2:])
+    out_pixel_mask = pixel_mask.new_zeros(len(rows), max_images, *pixel_mask.shape[2:])
+    out_mask = torch.zeros(len(rows), max_images, dtype=torch.bool)
+    cu = [0]
+    for r, samples in enumerate(rows):
+        images = torch.cat([pixels[b][mask[b]] for b in samples])
+        out_pixels[r, : len(images)] = images
+        out_pixel_mask[r, : len(images)] = torch.cat([pixel_mask[b][mask[b]] for b in samples])
+        out_mask[r, : len(images)] = True
+        for k, b in enumerate(samples):
+            out_ids[r, k * seq : (k + 1) * seq] = ids[b]
+            positions[r, k * seq : (k + 1) * seq] = torch.arange(seq)
+            cu.append(r * width + (k + 1) * seq)
+        if len(samples) * seq < width:
+            positions[r, len(samples) * seq :] = torch.arange(width - len(samples) * seq)
+            cu.append((r + 1) * width)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    packed = {"input_ids": out_ids, "position_ids": positions, "pixel_values": out_pixels,
+              "pixel_attention_mask": out_pixel_mask, "image_mask": out_mask,
+              "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max()}
+    packed["packed_seq_params"] = packed_seq_params(packed)
+    return packed
+
+
+def packed_vs_unpacked_case(tp: int, pp: int):
+    """Logits of 3 samples run one per row, and packed two rows as [s0 s1] [s2 pad] (on rank 0)."""
+    from megatron_patch.models.idefics2.parity import megatron_outputs
+
+    init_distributed(tp, pp, seed=1234)
+    config, hf_model = tiny_hf_model("mistral", False)
+    model = build_from_hf(config, hf_model, ParallelOptions(tp, pp)).eval()
+    inputs = random_inputs(config, batch_size=3, num_images=2, seed=5)
+    vocab = config.text_config.vocab_size
+    alone = megatron_outputs([model], inputs, vocab)
+    packed = megatron_outputs([model], _pack_rows(inputs, [[0, 1], [2]]), vocab)
+    if dist.get_rank() != 0:
+        return None
+    seq = inputs["input_ids"].shape[1]
+    from_packed = torch.stack([packed["logits"][0, :seq], packed["logits"][0, seq:], packed["logits"][1, :seq]])
+    return alone["logits"], from_packed

@@ -65,3 +65,11 @@ def test_activation_recompute_changes_nothing():
 def test_image_tokens_not_matching_features_name_the_sample():
     message = run_distributed(1, cases.image_token_mismatch_case)[0]
     assert message is not None and "sample 1" in message and "--seq-length" in message
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_packed_rows_equal_one_sample_per_row(tp, pp):
+    # Attention must not cross samples: sample 1 shares a row with sample 0 and must not see it.
+    alone, packed = run_distributed(tp * pp, cases.packed_vs_unpacked_case, tp, pp)[0]
+    assert alone.shape == packed.shape and float(alone.std()) > 0.1
+    assert float((alone - packed).abs().max()) < ATOL

@@ -18,11 +18,20 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
 from megatron_patch.models.idefics2.connector import Connector
 from megatron_patch.models.idefics2.layer_specs import language_layer_spec
+from megatron_patch.models.idefics2.varlen_attention import segment_ids
 from megatron_patch.models.idefics2.vision import VisionTransformer, patch_attention_mask
 
 
 class ImageTokenMismatch(ValueError):
     """A sample's <image> tokens do not match its images' features (e.g. cut by --seq-length)."""
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """megatron-core attention mask [b, 1, s, s] (True = masked) for packed rows: causal inside each
+    segment of `cu_seqlens` (boundaries over the b-major flattened [b * s] tokens), nothing across."""
+    segment = segment_ids(cu_seqlens, batch_size * seq_len).view(batch_size, 1, seq_len)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment.device).tril()
+    return ~((segment.transpose(1, 2) == segment) & causal).unsqueeze(1)
 
 
 class Idefics2Model(MegatronModule):
@@ -31,6 +40,7 @@ class Idefics2Model(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's pipeline schedules
         self.configs = configs
         self.pre_process, self.post_process = pre_process, post_process
+        self.use_te = use_te
         if pre_process:
             self.vision_model = VisionTransformer(configs.vision, configs.patch_size, configs.image_size, use_te)
             self.connector = Connector(
@@ -111,7 +121,19 @@ class Idefics2Model(MegatronModule):
 
         pixel_values [b, max_images, 3, H, W], pixel_attention_mask [b, max_images, H, W] and
         image_mask [b, max_images] (True for real images) are read on the first stage only.
+        `packed_seq_params` (megatron-core THD, from `data.packing.packed_seq_params`) marks several
+        samples per row: attention stays inside each sample.
         """
+        if packed_seq_params is not None:
+            if self.use_te:
+                raise ValueError(
+                    "--pack-sequences is not supported with transformer-engine layers yet; "
+                    "build the model with local layers (ParallelOptions(use_transformer_engine=False))"
+                )
+            # Local attention takes no THD params; an explicit block-diagonal causal mask is the same
+            # computation. RoPE needs no restart per sample: its scores depend only on relative offsets.
+            attention_mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, *input_ids.shape)
+            packed_seq_params = None
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, position_ids, pixel_values, pixel_attention_mask, image_mask)

@@ -88,7 +88,10 @@ def hf_outputs(hf_model, inputs: dict) -> dict:
 
 
 def megatron_outputs(model_chunks: list, inputs: dict, vocab_size: int) -> Optional[dict]:
-    """Forward pass through the pipeline; returns the outputs on global rank 0, None elsewhere."""
+    """Forward pass through the pipeline; returns the outputs on global rank 0, None elsewhere.
+
+    `inputs` may carry `position_ids` and `packed_seq_params` (packed rows) besides `random_inputs`' keys.
+    """
     model = model_chunks[0]
     unwrapped = getattr(model, "module", model)
     captured = {}
@@ -100,12 +103,13 @@ def megatron_outputs(model_chunks: list, inputs: dict, vocab_size: int) -> Optio
         hooks.append(unwrapped.vision_model.register_forward_hook(on_vision))
         hooks.append(unwrapped.connector.register_forward_hook(lambda m, args, out: captured.update(connector=out)))
     batch_size, seq_len = inputs["input_ids"].shape
-    position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+    position_ids = inputs.get("position_ids", torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1))
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
         out = chunk(
-            batch["input_ids"], position_ids, batch["pixel_values"], batch["pixel_attention_mask"], batch["image_mask"]
+            batch["input_ids"], position_ids, batch["pixel_values"], batch["pixel_attention_mask"], batch["image_mask"],
+            packed_seq_params=batch.get("packed_seq_params"),
         )
 
         def collect(output, non_loss_data=False):
