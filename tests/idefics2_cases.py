@@ -61,15 +61,27 @@ def _shifted(inputs):
     return labels, loss_mask
 
 
-def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, **options):
+def _wrap_ddp(model):
+    """megatron-core DDP plus its grad finalisation (TP all-reduce of sequence-parallel norm grads,
+    tied-embedding sync), as training runs it."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(overlap_grad_reduce=False), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bool = False, **options):
     """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0).
 
-    `options` are extra ParallelOptions fields (activation recompute, ...).
+    `options` are extra ParallelOptions fields (activation recompute, sequence parallel, ...); with
+    `ddp` the model runs inside megatron-core's DDP and grads are finalised as in training.
     """
     init_distributed(tp, pp, seed=1234)
     config, hf_model = tiny_hf_model(text, tied)
     opts = ParallelOptions(tp, pp, **options)
     model = build_from_hf(config, hf_model, opts)
+    chunk = _wrap_ddp(model) if ddp else model
     inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
     labels, loss_mask = _shifted(inputs)
     batch_size, seq_len = labels.shape
@@ -91,7 +103,7 @@ def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, **optio
     out = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter([inputs]),
-        model=[model],
+        model=[chunk],
         num_microbatches=1,
         seq_length=seq_len,
         micro_batch_size=batch_size,
@@ -110,7 +122,8 @@ def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, **optio
     for rank_loss, part in gathered:
         loss = rank_loss if rank_loss is not None else loss
         shards.update(part)
-    grads = assemble_hf_tensors(shards, config, pipeline_layout(config, opts), tp, sum_tied=True)
+    # Finalised grads already hold the tied head's sum on both stages; raw ones must be summed here.
+    grads = assemble_hf_tensors(shards, config, pipeline_layout(config, opts), tp, sum_tied=not ddp)
     return loss, grads
 
 

@@ -17,7 +17,6 @@ from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
         (ParallelOptions(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1), None, "leaves 3 of 4 LLM layers"),
         (ParallelOptions(decoder_first_pipeline_num_layers=1), None, "needs --pipeline-model-parallel-size >= 2"),
         (ParallelOptions(tensor_model_parallel_size=2), 3, "world size 3 is not divisible"),
-        (ParallelOptions(tensor_model_parallel_size=2, sequence_parallel=True), None, "--sequence-parallel needs transformer-engine"),
     ],
 )
 def test_bad_layouts_raise_one_clear_line(opts, world_size, expected):

@@ -51,6 +51,19 @@ def test_loss_and_grads_match_transformers_and_layout(text):
     assert all(float(g.abs().max()) > 0 for g in hf_grads.values())
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
+def test_sequence_parallel_matches_transformers(tp, pp):
+    # Through megatron-core's DDP and grad finalisation, which sums the sequence-parallel norm grads over TP.
+    hf_loss, hf_grads = cases.hf_loss_and_grads("llama", tied=True)
+    loss, grads = run_distributed(tp * pp, cases.loss_and_grads_case, "llama", tp, pp, True, ddp=True,
+                                  sequence_parallel=True)[0]
+    assert abs(loss - hf_loss) < 1e-5
+    assert set(grads) == set(hf_grads)
+    for name, ref in hf_grads.items():
+        scale = float(ref.abs().max()) + 1e-12
+        assert torch.allclose(grads[name], ref, atol=1e-5 * max(scale, 1.0), rtol=1e-4), name
+
+
 def test_activation_recompute_changes_nothing():
     base_loss, base_grads = run_distributed(2, cases.loss_and_grads_case, "mistral", 2, 1)[0]
     loss, grads = run_distributed(

@@ -37,7 +37,8 @@ class ParallelOptions:
     decoder_first_pipeline_num_layers: Optional[int] = None
     """--decoder-first-pipeline-num-layers: LLM layers on stage 0 (it also holds vision + connector)."""
     sequence_parallel: bool = False
-    """--sequence-parallel: split LLM activations along the sequence in TP regions (needs transformer-engine)."""
+    """--sequence-parallel: split LLM activations along the sequence in TP regions (the sequence
+    length must then be a multiple of the TP size)."""
     recompute_granularity: Optional[str] = None
     """--recompute-granularity: 'full' or 'selective' activation recompute, passed to megatron-core."""
     recompute_method: Optional[str] = None
@@ -136,11 +137,6 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
     if p.hidden_size != t.hidden_size:
         raise ValueError(
             f"perceiver_config.hidden_size ({p.hidden_size}) must equal text_config.hidden_size ({t.hidden_size})"
-        )
-    if opts.sequence_parallel and tp > 1 and not opts.uses_transformer_engine():
-        raise ValueError(
-            "--sequence-parallel needs transformer-engine layers (megatron-core's torch norms do not support it); "
-            "install transformer-engine or drop --sequence-parallel"
         )
     for name, cfg in (("vision_config", v), ("text_config", t)):
         act = getattr(cfg, "hidden_act", None)

@@ -1,5 +1,8 @@
 """ModuleSpecs for the Idefics2 towers: transformer-engine layers when TE is importable, local otherwise.
 
+Local layers use megatron-core's local spec with `TorchNorm` for every norm, so --sequence-parallel
+works without transformer-engine too.
+
 Parameter names in checkpoints are the canonical megatron-core ones (TE-style: the layer norms that TE
 fuses into the following linear are stored as `...linear_qkv.layer_norm_weight` and
 `...linear_fc1.layer_norm_weight`); `canonical_to_module_name` maps them to the local modules' names.
@@ -12,8 +15,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from megatron_patch.models.idefics2.norms import TorchNorm
 
 # Canonical (TE-fused) name fragment -> local spec's module name fragment.
 _LOCAL_NAMES = {
@@ -42,18 +49,33 @@ def module_to_canonical_name(name: str, use_te: bool) -> str:
     return _rename(name, use_te, [(local, canonical) for canonical, local in _LOCAL_NAMES.items()])
 
 
-def language_layer_spec(use_te: bool) -> ModuleSpec:
-    """Mistral / Llama decoder layer: causal self-attention (GQA, RoPE), SwiGLU MLP, RMSNorm."""
+def _layer_spec(use_te: bool) -> ModuleSpec:
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec()
+    norms = dict(input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
 
 
-def vision_layer_spec(use_te: bool) -> ModuleSpec:
-    """SigLIP encoder layer: bidirectional self-attention over real patches (padding mask), LayerNorm."""
-    spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="LayerNorm")
+def _block_spec(layer: ModuleSpec, num_layers: int, use_te: bool):
+    """The layer spec as is for TE (megatron-core adds TE's final norm), else whole-block submodules
+    whose final norm is `TorchNorm` too."""
+    if use_te:
+        return layer
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchNorm)
+
+
+def language_block_spec(config: TransformerConfig, use_te: bool):
+    """Mistral / Llama decoder layers of this pipeline stage: causal self-attention (GQA, RoPE),
+    SwiGLU MLP, RMSNorm (config.normalization)."""
+    return _block_spec(_layer_spec(use_te), get_num_layers_to_build(config), use_te)
+
+
+def vision_block_spec(config: TransformerConfig, use_te: bool):
+    """SigLIP encoder layers: bidirectional self-attention over real patches (padding mask), LayerNorm."""
+    spec = _layer_spec(use_te)
     attention = dataclasses.replace(
         spec.submodules.self_attention, params={"attn_mask_type": AttnMaskType.padding}
     )
     submodules = dataclasses.replace(spec.submodules, self_attention=attention)
-    return dataclasses.replace(spec, submodules=submodules)
+    return _block_spec(dataclasses.replace(spec, submodules=submodules), config.num_layers, use_te)

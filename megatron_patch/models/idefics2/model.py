@@ -17,7 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
 from megatron_patch.models.idefics2.connector import Connector
-from megatron_patch.models.idefics2.layer_specs import language_layer_spec
+from megatron_patch.models.idefics2.layer_specs import language_block_spec
 from megatron_patch.models.idefics2.varlen_attention import segment_ids
 from megatron_patch.models.idefics2.vision import VisionTransformer, patch_attention_mask
 
@@ -48,7 +48,7 @@ class Idefics2Model(MegatronModule):
             )
         self.language_model = GPTModel(
             config=configs.language,
-            transformer_layer_spec=language_layer_spec(use_te),
+            transformer_layer_spec=language_block_spec(configs.language, use_te),
             vocab_size=configs.padded_vocab_size,
             max_sequence_length=1 << 20,  # RoPE is computed for the actual length; no table to size
             pre_process=pre_process,
@@ -71,6 +71,15 @@ class Idefics2Model(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    # megatron-core's grad finalisation asks the module holding `pre_process` (this one) for the
+    # tied embedding, to sum its gradient over the first and last pipeline stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def image_features(self, pixel_values, pixel_attention_mask, image_mask) -> torch.Tensor:
         """Features [num_real_images, latents, hidden] of the images `image_mask` marks real, in batch order."""
         images = pixel_values[image_mask]
@@ -83,6 +92,12 @@ class Idefics2Model(MegatronModule):
 
     def embed(self, input_ids, position_ids, pixel_values=None, pixel_attention_mask=None, image_mask=None):
         """Token embeddings [s, b, h] (sequence-parallel split when enabled) with image features merged in."""
+        tp = self.configs.language.tensor_model_parallel_size
+        if self.configs.language.sequence_parallel and input_ids.shape[1] % tp != 0:
+            raise ValueError(
+                f"--sequence-parallel splits the sequence over {tp} TP ranks, but the micro-batch has "
+                f"{input_ids.shape[1]} tokens per row; make --seq-length a multiple of {tp}"
+            )
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
         is_image = input_ids == self.configs.image_token_id
         images_per_sample = image_mask.sum(dim=1) if image_mask is not None else torch.zeros_like(input_ids[:, 0])

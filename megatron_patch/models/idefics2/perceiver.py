@@ -13,11 +13,12 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megatron_patch.models.idefics2.norms import TorchNorm
 from megatron_patch.models.idefics2.varlen_attention import varlen_attention
 
 
-def _rms_norm(config: TransformerConfig) -> nn.RMSNorm:
-    return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+def _rms_norm(config: TransformerConfig) -> nn.Module:
+    return TorchNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
 
 
 def gated_mlp(config: TransformerConfig, input_size: int | None = None) -> MLP:

@@ -12,7 +12,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import nn
 
-from megatron_patch.models.idefics2.layer_specs import vision_layer_spec
+from megatron_patch.models.idefics2.layer_specs import vision_block_spec
 
 
 def patch_attention_mask(pixel_attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ class VisionTransformer(MegatronModule):
         self.patch_size = patch_size
         self.embeddings = VisionEmbeddings(config.hidden_size, patch_size, image_size, dtype=config.params_dtype)
         # post_layer_norm=True gives the block a final LayerNorm: SigLIP's post_layernorm.
-        self.decoder = TransformerBlock(config, vision_layer_spec(use_te), post_layer_norm=True)
+        self.decoder = TransformerBlock(config, vision_block_spec(config, use_te), post_layer_norm=True)
 
     def set_input_tensor(self, input_tensor) -> None:  # the tower never receives pipeline input
         pass
