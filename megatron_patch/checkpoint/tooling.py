@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.checkpoint.errors import CheckpointError, one_line
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -57,12 +57,13 @@ class Summary:
 
 
 def run_tool(prog: str, body: Callable[[], Optional[str]]) -> int:
-    """Run a tool body; a CheckpointError / ValueError / OSError becomes one 'error:' line and exit code 1."""
+    """Run a tool body; a CheckpointError / ValueError / KeyError / OSError becomes one 'error:' line
+    (white space collapsed, so a library's multi-line message stays one line) and exit code 1."""
     try:
         line = body()
     except (CheckpointError, ValueError, KeyError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
         return 1
     if line:
         print(line)

@@ -1,17 +1,29 @@
-"""Check a written iteration folder before the tracker may name it.
+"""Checks a converter makes before it publishes its output (and before the tracker may name it).
 
-Every rank folder the layout needs exists, holds exactly the tensors the weight mapping places there
-(no missing, no extra), each with the shape the mapping gives. Errors name the rank folder and tensor.
+- `require_used_once`: every source tensor was read exactly once (none skipped, none read twice).
+- `verify_rank_folders`: every rank folder the layout needs exists, holds exactly the tensors the
+  weight mapping places there (no missing, no extra), each with the shape the mapping gives.
+Errors name the tensor (and the rank folder).
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Callable, Hashable, Iterable
 
 from megatron_patch.checkpoint.errors import CheckpointError
 from megatron_patch.checkpoint.layout import rank_dir_name
 from megatron_patch.checkpoint.model_files import RankReader
 from megatron_patch.checkpoint.plan import rank_tensor_shapes
 from megatron_patch.models.idefics2.weight_mapping import PipelineLayout
+
+
+def require_used_once(uses: Counter, sources: Iterable[Hashable], describe: Callable[[Hashable], str]) -> None:
+    """Raise CheckpointError for the first of `sources` that `uses` did not count exactly once;
+    `describe(key)` names it (e.g. 'source tensor X' or 'tensor X of RANK_DIR')."""
+    for key in sources:
+        if uses[key] != 1:
+            raise CheckpointError(f"{describe(key)} was used {uses[key]} times instead of once")
 
 
 def verify_rank_folders(folder, hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None) -> int:

@@ -8,7 +8,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from megatron_patch.checkpoint import RELEASE, CheckpointError, read_tracker, write_tracker
-from tests.checkpoint.fixtures import idefics2_config, save_idefics2, tool
+from megatron_patch.checkpoint.config_files import read_idefics2_config
+from megatron_patch.checkpoint.tooling import run_tool
+from tests.checkpoint.cli import assert_nothing_written, error_line, hf2mcore, mcore2hf
+from megatron_patch.models.idefics2.weight_mapping import HF_EMBED_TOKENS, HF_LM_HEAD
+from tests.checkpoint.fixtures import assert_bit_exact, idefics2_config, round_trip, save_idefics2
 
 
 @pytest.fixture(scope="module")
@@ -18,28 +22,6 @@ def good(tmp_path_factory):
     save_idefics2(root / "hf", idefics2_config("mistral"), seed=0)
     assert hf2mcore(root / "hf", root / "mg", 2, 2) == 0
     return root
-
-
-def hf2mcore(src, dst, tp=1, pp=1, *extra):
-    return tool("idefics2/hf2mcore.py").main([
-        "--load-path", str(src), "--save-path", str(dst), "--target-tensor-model-parallel-size", str(tp),
-        "--target-pipeline-model-parallel-size", str(pp), *extra,
-    ])
-
-
-def mcore2hf(src, dst, *extra):
-    return tool("idefics2/mcore2hf.py").main(["--load-path", str(src), "--save-path", str(dst), *extra])
-
-
-def error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert len(err) == 1, err
-    return err[0]
-
-
-def assert_nothing_written(parent, name):
-    leftovers = [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}")]
-    assert leftovers == [], leftovers
 
 
 def copy_hf(good, tmp_path):
@@ -94,6 +76,7 @@ def test_index_names_a_missing_shard(good, tmp_path, capsys):
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert hf2mcore(src, tmp_path / "mg") == 1
     assert "model-00002-of-00002.safetensors is missing" in error_line(capsys)
+    assert_nothing_written(tmp_path, "mg")
 
 
 def test_config_that_is_not_idefics2(tmp_path, capsys):
@@ -103,6 +86,29 @@ def test_config_that_is_not_idefics2(tmp_path, capsys):
     assert hf2mcore(tmp_path / "llama", tmp_path / "mg") == 1
     assert "is a 'llama' config, not Idefics2" in error_line(capsys)
     assert_nothing_written(tmp_path, "mg")
+
+
+def test_any_multi_line_error_is_printed_as_one_line(capsys):
+    def body():
+        raise OSError("cannot read x.safetensors:\n    disk gone")
+
+    assert run_tool("sometool", body) == 1
+    assert error_line(capsys) == "sometool: error: cannot read x.safetensors: disk gone"
+
+
+def test_config_with_a_field_of_the_wrong_type(good, tmp_path, capsys):
+    """transformers' message spans two lines; the tool's error stays one."""
+    src = copy_hf(good, tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = "four"
+    (src / "config.json").write_text(json.dumps(config))
+    assert hf2mcore(src, tmp_path / "mg") == 1
+    line = error_line(capsys)
+    assert "config.json is not a valid Idefics2 config" in line and "num_hidden_layers" in line, line
+    assert_nothing_written(tmp_path, "mg")
+    with pytest.raises(CheckpointError) as err:  # training reads configs without the tools' error printing
+        read_idefics2_config(src)
+    assert "\n" not in str(err.value) and "num_hidden_layers" in str(err.value)
 
 
 @pytest.mark.parametrize("tp,pp,message", [
@@ -116,12 +122,45 @@ def test_layout_that_does_not_fit(good, tmp_path, capsys, tp, pp, message):
     assert_nothing_written(tmp_path, "mg")
 
 
+def test_first_stage_layers_beyond_the_model(good, tmp_path, capsys):
+    assert hf2mcore(good / "hf", tmp_path / "mg", 1, 2, "--target-decoder-first-pipeline-num-layers", "9") == 1
+    assert "--target-decoder-first-pipeline-num-layers 9 must be between 1 and 3: the model has 4 LLM layers" in error_line(capsys)
+    assert_nothing_written(tmp_path, "mg")
+
+
 def test_tp_not_dividing_text_query_groups(tmp_path, capsys):
     config = idefics2_config("mistral")
     config.perceiver_config.num_key_value_heads = 4
     save_idefics2(tmp_path / "hf", config)
     assert hf2mcore(tmp_path / "hf", tmp_path / "mg", 4, 1) == 1
     assert "does not divide the text num_key_value_heads (2)" in error_line(capsys)
+    assert_nothing_written(tmp_path, "mg")
+
+
+def test_tp_not_dividing_text_attention_heads(tmp_path, capsys):
+    config = idefics2_config("mistral")
+    config.text_config.num_attention_heads, config.text_config.num_key_value_heads = 3, 1
+    save_idefics2(tmp_path / "hf", config)
+    assert hf2mcore(tmp_path / "hf", tmp_path / "mg", 2, 1) == 1
+    assert "--target-tensor-model-parallel-size 2 does not divide the text num_attention_heads (3)" in error_line(capsys)
+    assert_nothing_written(tmp_path, "mg")
+
+
+@pytest.mark.parametrize("head_equals_embedding", [True, False])
+def test_tied_checkpoint_that_also_stores_the_head(tmp_path, capsys, head_equals_embedding):
+    config = idefics2_config("mistral", tied=True)
+    save_idefics2(tmp_path / "hf", config, seed=2)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert HF_LM_HEAD not in tensors  # transformers leaves a tied head out
+    tensors[HF_LM_HEAD] = tensors[HF_EMBED_TOKENS].clone() + (0 if head_equals_embedding else 1e-3)
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    if head_equals_embedding:  # accepted as redundant; the round trip gives back every tensor but it
+        _, back = round_trip(tmp_path / "hf", tmp_path, 1, 2)
+        assert_bit_exact(tmp_path / "hf", back, config)
+        return
+    assert hf2mcore(tmp_path / "hf", tmp_path / "mg", 1, 2) == 1
+    assert f"ties the head to the embedding, but {HF_LM_HEAD} differs from {HF_EMBED_TOKENS}" in error_line(capsys)
+    assert_nothing_written(tmp_path, "mg")
 
 
 @pytest.mark.parametrize("change,message", [

@@ -4,17 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.checkpoint.fixtures import assert_bit_exact, round_trip, save_llama, save_siglip, tool
-
-PERCEIVER = ["--perceiver-latents", "4", "--perceiver-depth", "2", "--perceiver-heads", "4",
-             "--perceiver-head-dim", "8", "--perceiver-kv-heads", "2"]
-
-
-def compose(llm, vision, out, *extra):
-    return tool("idefics2_llama3/compose.py").main(
-        ["--llm-path", str(llm), "--vision-path", str(vision), "--save-path", str(out), *PERCEIVER, *extra]
-    )
-
+from tests.checkpoint.cli import compose
+from tests.checkpoint.fixtures import assert_bit_exact, hf_tensors, round_trip, save_llama, save_siglip
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
@@ -70,9 +61,17 @@ def test_tied_llama_and_full_siglip_convert_to_megatron_and_back(tmp_path):
     from megatron_patch.checkpoint.config_files import read_idefics2_config
 
     save_llama(tmp_path / "llama", tied=True)
-    save_siglip(tmp_path / "siglip", full_model=True)
+    siglip = save_siglip(tmp_path / "siglip", full_model=True)
     assert compose(tmp_path / "llama", tmp_path / "siglip", tmp_path / "out") == 0
     config = read_idefics2_config(tmp_path / "out")
+    # the vision tower, and only it (no pooling head, no text tower), is copied bit for bit
+    tower = {k[len("vision_model."):]: v for k, v in siglip.state_dict().items()
+             if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
+    composed = {k[len("model.vision_model."):]: v for k, v in hf_tensors(tmp_path / "out").items()
+                if k.startswith("model.vision_model.")}
+    assert sorted(composed) == sorted(tower)
+    for name, tensor in tower.items():
+        assert torch.equal(composed[name], tensor), name
     assert config.tie_word_embeddings
     _, back = round_trip(tmp_path / "out", tmp_path, 2, 2)
     assert_bit_exact(tmp_path / "out", back, config)

@@ -111,3 +111,17 @@ def test_reconverting_the_same_model_is_a_no_op(hf_checkpoints, tmp_path, capsys
     round_trip(src, tmp_path, 2, 1)
     out = capsys.readouterr().out
     assert "[identical]" in out and "[identical, iteration release]" in out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_name_constants_are_the_mappings_names(tied):
+    """The converters' own HF names (weight_mapping constants) are the ones the mapping reads."""
+    from megatron_patch.models.idefics2.weight_mapping import (
+        HF_CONNECTOR_PREFIX, HF_EMBED_TOKENS, HF_LM_HEAD, HF_TEXT_PREFIX, HF_VISION_PREFIX, hf_tensor_names,
+    )
+
+    names = hf_tensor_names(idefics2_config("llama", tied=tied))
+    assert HF_EMBED_TOKENS in names and (HF_LM_HEAD in names) != tied
+    prefixes = (HF_TEXT_PREFIX, HF_VISION_PREFIX, HF_CONNECTOR_PREFIX)
+    assert all(any(n.startswith(p) for p in prefixes) for n in names if n != HF_LM_HEAD)
+    assert all(any(n.startswith(p) for n in names) for p in prefixes)

@@ -23,6 +23,11 @@ from megatron_patch.models.idefics2.config import layers_per_stage, padded_vocab
 
 REPLICATED, COLUMN, ROW, VOCAB, GATED, QKV, KV = "replicated", "column", "row", "vocab", "gated", "qkv", "kv"
 
+# HF Idefics2 name parts, also used by the converters (source checks, tied head, compose's renaming).
+HF_TEXT_PREFIX, HF_VISION_PREFIX, HF_CONNECTOR_PREFIX = "model.text_model.", "model.vision_model.", "model.connector."
+HF_EMBED_TOKENS = HF_TEXT_PREFIX + "embed_tokens.weight"
+HF_LM_HEAD = "lm_head.weight"
+
 _VISION_LAYER = [
     ("self_attention.linear_qkv.layer_norm_weight", "layer_norm1.weight", REPLICATED),
     ("self_attention.linear_qkv.layer_norm_bias", "layer_norm1.bias", REPLICATED),
@@ -103,19 +108,19 @@ def tensor_mappings(hf_config) -> list[TensorMapping]:
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     text_heads = (t.num_attention_heads, t.num_key_value_heads, head_dim)
 
-    rows = _rows(_VISION, "vision_model.", "model.vision_model.")
+    rows = _rows(_VISION, "vision_model.", HF_VISION_PREFIX)
     for i in range(v.num_hidden_layers):
-        rows += _rows(_VISION_LAYER, f"vision_model.decoder.layers.{i}.", f"model.vision_model.encoder.layers.{i}.", heads=vision_heads)
-    rows += _rows(_CONNECTOR, "connector.", "model.connector.")
+        rows += _rows(_VISION_LAYER, f"vision_model.decoder.layers.{i}.", f"{HF_VISION_PREFIX}encoder.layers.{i}.", heads=vision_heads)
+    rows += _rows(_CONNECTOR, "connector.", HF_CONNECTOR_PREFIX)
     for i in range(p.resampler_depth):
-        rows += _rows(_PERCEIVER_LAYER, f"connector.perceiver.layers.{i}.", f"model.connector.perceiver_resampler.layers.{i}.", heads=perceiver_heads)
+        rows += _rows(_PERCEIVER_LAYER, f"connector.perceiver.layers.{i}.", f"{HF_CONNECTOR_PREFIX}perceiver_resampler.layers.{i}.", heads=perceiver_heads)
     vocab = t.vocab_size
-    rows.append(TensorMapping("language_model.embedding.word_embeddings.weight", ("model.text_model.embed_tokens.weight",), VOCAB, vocab=vocab))
+    rows.append(TensorMapping("language_model.embedding.word_embeddings.weight", (HF_EMBED_TOKENS,), VOCAB, vocab=vocab))
     for i in range(t.num_hidden_layers):
-        rows += _rows(_LANGUAGE_LAYER, f"language_model.decoder.layers.{i}.", f"model.text_model.layers.{i}.", heads=text_heads, layer=i, place="layer")
-    rows.append(TensorMapping("language_model.decoder.final_layernorm.weight", ("model.text_model.norm.weight",), REPLICATED, place="last"))
+        rows += _rows(_LANGUAGE_LAYER, f"language_model.decoder.layers.{i}.", f"{HF_TEXT_PREFIX}layers.{i}.", heads=text_heads, layer=i, place="layer")
+    rows.append(TensorMapping("language_model.decoder.final_layernorm.weight", (HF_TEXT_PREFIX + "norm.weight",), REPLICATED, place="last"))
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    head = "model.text_model.embed_tokens.weight" if tied else "lm_head.weight"
+    head = HF_EMBED_TOKENS if tied else HF_LM_HEAD
     rows.append(TensorMapping("language_model.output_layer.weight", (head,), VOCAB, vocab=vocab, place="last"))
     return rows
 

@@ -3,24 +3,37 @@
     torchrun --nproc-per-node T*P check_hf_parity.py --hf-path HF_DIR \
         --tensor-model-parallel-size T --pipeline-model-parallel-size P [--num-images K] [--seed S] \
         [--atol A] [--bf16] [--save-outputs FILE.pt]
+    # the Megatron model from a Megatron checkpoint saved at any layout (resharded on load):
+    torchrun --nproc-per-node T*P check_hf_parity.py --hf-path HF_DIR --load MG_DIR [--iteration N] \
+        --tensor-model-parallel-size T --pipeline-model-parallel-size P
 
-Loads a saved HF checkpoint (save_pretrained layout), builds the Megatron model at T x P from it
-through the project's weight mapping, runs both on a batch of text with K images per sample of mixed
-sizes, prints the max abs difference per component and, last, `max_abs_logit_diff=<float>`.
-Exits 1 when that exceeds --atol. Every rank loads the HF checkpoint (it is the weight source).
+Builds the Megatron model at T x P through the project's weight mapping, with its weights from the
+HF checkpoint at --hf-path (save_pretrained layout) or, with --load, from the Megatron checkpoint
+there (its own config; the tracker's iteration unless --iteration). Runs both on a batch of text
+with K images per sample of mixed sizes, prints the max abs difference per component and, last,
+`max_abs_logit_diff=<float>`. Exits 1 when that exceeds --atol, or with one `error:` line when the
+input is unusable. Without --load every rank reads the HF checkpoint (it is the weight source).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
+
+PROG = "check_hf_parity"
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--hf-path", required=True, help="HF Idefics2 checkpoint directory (config.json + safetensors)")
+    p.add_argument("--load", default=None, help="Megatron checkpoint directory: take the Megatron weights from it")
+    p.add_argument("--iteration", default=None, help="with --load: iteration number or 'release' (default: the tracker's)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
@@ -30,13 +43,41 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=float, default=None, help="max allowed logit diff (default 1e-4 fp32, 5e-2 bf16)")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
     p.add_argument("--save-outputs", default=None, help="write the inputs used and the Megatron logits here (.pt)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.iteration is not None and args.load is None:
+        p.error("--iteration needs --load")
+    return args
+
+
+def megatron_config(args):
+    """(config the Megatron model is built from, iteration to load or None); checked against --hf-path."""
+    from megatron_patch.checkpoint import CheckpointError, read_checkpoint_config
+    from megatron_patch.checkpoint.config_files import read_idefics2_config
+    from megatron_patch.checkpoint.layout import parse_iteration, resolve_iteration
+    from megatron_patch.checkpoint.plan import hf_tensor_shapes
+
+    hf_config = read_idefics2_config(args.hf_path)
+    if args.load is None:
+        return hf_config, None
+    requested = parse_iteration(args.iteration) if args.iteration is not None else None
+    iteration, _ = resolve_iteration(args.load, requested)
+    config = read_checkpoint_config(args.load, iteration)
+    ours, theirs = hf_tensor_shapes(config), hf_tensor_shapes(hf_config)
+    for name in sorted(set(ours) | set(theirs)):
+        if ours.get(name) != theirs.get(name):
+            raise CheckpointError(
+                f"--load {args.load} (iteration {iteration}) and --hf-path {args.hf_path} describe different models: "
+                f"tensor {name} is {ours.get(name, 'absent')} in --load, {theirs.get(name, 'absent')} in --hf-path"
+            )
+    return config, iteration
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+    from transformers import Idefics2ForConditionalGeneration
 
+    from megatron_patch.checkpoint import CheckpointError, load_model_weights
+    from megatron_patch.checkpoint.errors import one_line
     from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
     from megatron_patch.models.idefics2.model import build_model
     from megatron_patch.models.idefics2.model_loading import load_hf_weights
@@ -45,21 +86,29 @@ def main(argv=None) -> int:
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     atol = args.atol if args.atol is not None else (5e-2 if args.bf16 else 1e-4)
-    config = Idefics2Config.from_pretrained(args.hf_path)
     opts = ParallelOptions(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         params_dtype=dtype,
     )
-    validate_layout(config, opts)  # before any process group or model exists
+    try:  # before any process group or model exists; every rank sees the same error, rank 0 says it
+        config, iteration = megatron_config(args)
+        validate_layout(config, opts)
+    except (CheckpointError, ValueError, OSError) as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return 1
     init_distributed(opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, seed=args.seed)
     validate_layout(config, opts, world_size=dist.get_world_size())
     device = get_device()
-    hf_model = Idefics2ForConditionalGeneration.from_pretrained(args.hf_path, dtype=dtype).eval()
     model = build_model(config, opts)
-    state = hf_model.state_dict()
-    load_hf_weights(model, state.__getitem__, config, opts)
+    hf_model = None
+    if args.load is None:
+        hf_model = Idefics2ForConditionalGeneration.from_pretrained(args.hf_path, dtype=dtype).eval()
+        load_hf_weights(model, hf_model.state_dict().__getitem__, config, opts)
+    else:
+        load_model_weights(model, args.load, opts, iteration=iteration, hf_config=config)
     model = model.to(device).eval()
 
     inputs = random_inputs(config, batch_size=args.batch_size, num_images=args.num_images, seed=args.seed)
@@ -69,6 +118,9 @@ def main(argv=None) -> int:
     if dist.get_rank() != 0:
         dist.barrier()
         return 0
+    if hf_model is None:  # with --load only rank 0 needs transformers' model
+        hf_model = Idefics2ForConditionalGeneration.from_pretrained(args.hf_path, dtype=dtype).eval()
+        print(f"Megatron weights: {args.load}, iteration {iteration}")
     reference = hf_outputs(hf_model.to(device), on_device)
     diffs = max_abs_diffs(ours, {k: v.cpu() for k, v in reference.items()})
     for name in ("vision", "connector"):

@@ -43,9 +43,14 @@ from megatron_patch.checkpoint.plan import hf_tensor_shapes, mapping_groups  # n
 from megatron_patch.checkpoint.publish import publish  # noqa: E402
 from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
 from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
-from megatron_patch.checkpoint.verify import verify_rank_folders  # noqa: E402
+from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders  # noqa: E402
 from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout  # noqa: E402
-from megatron_patch.models.idefics2.weight_mapping import PipelineLayout, hf_to_mcore  # noqa: E402
+from megatron_patch.models.idefics2.weight_mapping import (  # noqa: E402
+    HF_EMBED_TOKENS,
+    HF_LM_HEAD,
+    PipelineLayout,
+    hf_to_mcore,
+)
 
 PROG = "hf2mcore"
 
@@ -76,9 +81,9 @@ def check_source(reader: HFWeightsReader, hf_shapes: dict, tied: bool) -> set:
         )
     redundant = set()
     for name in sorted(names - set(hf_shapes)):
-        if tied and name == "lm_head.weight":
-            if not torch.equal(reader.get(name), reader.get("model.text_model.embed_tokens.weight")):
-                raise CheckpointError(f"config.json ties the head to the embedding, but {name} differs from it")
+        if tied and name == HF_LM_HEAD:
+            if not torch.equal(reader.get(name), reader.get(HF_EMBED_TOKENS)):
+                raise CheckpointError(f"config.json ties the head to the embedding, but {name} differs from {HF_EMBED_TOKENS}")
             redundant.add(name)
             continue
         raise CheckpointError(
@@ -159,9 +164,7 @@ def convert(args: argparse.Namespace) -> str:
         bar.close()
         summary.written_tensors, summary.written_bytes = pool.close()
 
-        wrong = [n for n in reader.names() if uses[n] != 1 and n not in redundant]
-        if wrong:
-            raise CheckpointError(f"source tensor {wrong[0]} was used {uses[wrong[0]]} times instead of once")
+        require_used_once(uses, [n for n in reader.names() if n not in redundant], lambda n: f"source tensor {n}")
         verify_rank_folders(staging, hf_config, layout, tp, hf_shapes)
         dataclasses.replace(info, num_tensors=summary.written_tensors, total_bytes=summary.written_bytes).write(staging)
         write_config_dir(staging / HF_CONFIG_DIR, hf_config, side_files_from=load)

@@ -39,7 +39,7 @@ from megatron_patch.checkpoint.publish import publish  # noqa: E402
 from megatron_patch.checkpoint.reshard import ShardedCheckpoint  # noqa: E402
 from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
 from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
-from megatron_patch.checkpoint.verify import verify_rank_folders  # noqa: E402
+from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders  # noqa: E402
 from megatron_patch.models.idefics2.weight_mapping import mcore_to_hf  # noqa: E402
 
 PROG = "mcore2hf"
@@ -121,12 +121,8 @@ def convert(args: argparse.Namespace) -> str:
         bar.close()
         writer.close()  # checks every HF tensor was written
 
-        for stage, r in source.ranks():
-            for name in source.reader(stage, r).names():
-                if uses[(stage, r, name)] != 1:
-                    raise CheckpointError(
-                        f"tensor {name} of {source.rank_dir(stage, r)} was used {uses[(stage, r, name)]} times instead of once"
-                    )
+        rank_tensors = [(stage, r, name) for stage, r in source.ranks() for name in source.reader(stage, r).names()]
+        require_used_once(uses, rank_tensors, lambda key: f"tensor {key[2]} of {source.rank_dir(*key[:2])}")
         write_config_dir(staging, hf_config, side_files_from=folder / HF_CONFIG_DIR)
         status = publish(staging, save, args.overwrite, "HF checkpoint")
     finally:

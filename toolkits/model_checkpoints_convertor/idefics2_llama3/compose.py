@@ -37,10 +37,19 @@ from megatron_patch.checkpoint.layout import fresh_staging, staging_path  # noqa
 from megatron_patch.checkpoint.plan import hf_tensor_shapes  # noqa: E402
 from megatron_patch.checkpoint.publish import publish  # noqa: E402
 from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
+from megatron_patch.checkpoint.verify import require_used_once  # noqa: E402
+from megatron_patch.models.idefics2.weight_mapping import (  # noqa: E402
+    HF_CONNECTOR_PREFIX,
+    HF_EMBED_TOKENS,
+    HF_LM_HEAD,
+    HF_TEXT_PREFIX,
+    HF_VISION_PREFIX,
+)
 
 PROG = "compose"
 FAKE_IMAGE, IMAGE, END_OF_UTTERANCE = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 TEXT_TYPES = ("llama", "mistral")
+LLM_PREFIX, SIGLIP_VISION_PREFIX, SIGLIP_HEAD_PREFIX = "model.", "vision_model.", "head."  # source names
 # Idefics2's conversation format: "User:<image>Describe it.<end_of_utterance>\nAssistant: ..."
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}"
@@ -82,24 +91,24 @@ def _checked_config(folder: Path, flag: str, allowed: tuple):
 
 def text_target(name: str, tied: bool):
     """HF Idefics2 name for an LLM tensor, or None when it is dropped (rotary buffers, a tied head)."""
-    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+    if name.endswith("rotary_emb.inv_freq") or (tied and name == HF_LM_HEAD):
         return None
-    if name == "lm_head.weight":
+    if name == HF_LM_HEAD:
         return name
-    return "model.text_model." + (name[len("model."):] if name.startswith("model.") else name)
+    return HF_TEXT_PREFIX + (name[len(LLM_PREFIX):] if name.startswith(LLM_PREFIX) else name)
 
 
 def vision_target(name: str, vision_only: bool):
     """HF Idefics2 name for a SigLIP tensor, or None when dropped (pooling head, SigLIP text tower)."""
-    if name.startswith("vision_model."):
-        rest = name[len("vision_model."):]
+    if name.startswith(SIGLIP_VISION_PREFIX):
+        rest = name[len(SIGLIP_VISION_PREFIX):]
     elif vision_only:
         rest = name  # transformers 5 saves SiglipVisionModel without the prefix
     else:
         return None  # text_model.*, logit_scale, logit_bias of a SiglipModel
-    if rest.startswith("head."):
+    if rest.startswith(SIGLIP_HEAD_PREFIX):
         return None
-    return "model.vision_model." + rest
+    return HF_VISION_PREFIX + rest
 
 
 def build_processor(llm_path: Path, vision_path: Path, latents: int, pad_token: str):
@@ -204,7 +213,7 @@ def compose(args: argparse.Namespace) -> str:
                 raise CheckpointError(f"source tensors {sources[target][1]} and {name} both map to {target}")
             else:
                 sources[target] = (reader, name)
-    missing = [n for n in shapes if n not in sources and not n.startswith("model.connector.")]
+    missing = [n for n in shapes if n not in sources and not n.startswith(HF_CONNECTOR_PREFIX)]
     if missing:
         raise CheckpointError(f"no source tensor for {missing[0]} ({len(missing)} missing; check --llm-path / --vision-path)")
 
@@ -220,9 +229,9 @@ def compose(args: argparse.Namespace) -> str:
             if name in sources:
                 reader, source = sources[name]
                 tensor = reader.get(source)
-                uses[source] += 1
+                uses[(reader.hf_dir, source)] += 1
                 summary.read(tensor)
-                if name in ("model.text_model.embed_tokens.weight", "lm_head.weight"):
+                if name in (HF_EMBED_TOKENS, HF_LM_HEAD):
                     tensor = resize_rows(tensor, vocab)
             else:
                 tensor = init_connector_tensor(name, shape, std, generator)
@@ -231,10 +240,9 @@ def compose(args: argparse.Namespace) -> str:
             writer.add(name, tensor.to(dtype))
             summary.written_tensors += 1
             summary.written_bytes += tensor.numel() * dtype.itemsize
-        writer.close()
-        wrong = [s for _, s in sources.values() if uses[s] != 1]
-        if wrong:
-            raise CheckpointError(f"source tensor {wrong[0]} was used {uses[wrong[0]]} times instead of once")
+        read_once = [(reader.hf_dir, name) for reader, name in sources.values()]
+        require_used_once(uses, read_once, lambda key: f"source tensor {key[1]} of {key[0]}")
+        writer.close()  # after the source check: a skipped source is named as such, not as its target
         config.save_pretrained(str(staging))
         processor.save_pretrained(str(staging))
         if (llm_path / "generation_config.json").is_file():
