@@ -140,7 +140,8 @@ class SampleEncoder:
 
 def add_encoder_arguments(parser):
     """Register the encoder's flags (for entry points that do not define them). ``None`` defaults
-    mean "from the model folder's saved processor settings, else Idefics2's defaults"."""
+    mean "from the model folder's saved processor settings, else Idefics2's defaults". Packing is
+    the loader's business: ``--pack-sequences`` lives in ``loader.add_data_arguments``."""
     group = parser.add_argument_group("data encoding")
     group.add_argument("--image-size", type=int, default=None,
                        help=f"longest image edge after resizing (default: saved setting, else {ImageProcessingConfig.longest_edge})")
@@ -152,8 +153,6 @@ def add_encoder_arguments(parser):
                        help=f"<image> tokens per image = perceiver latents (default: saved, else {DEFAULT_IMAGE_SEQ_LEN})")
     group.add_argument("--answer-loss-only", action=argparse.BooleanOptionalAction, default=True,
                        help="train on assistant answers only (default); --no-answer-loss-only trains on all text")
-    group.add_argument("--pack-sequences", action="store_true", help="pack several samples per sequence")
-    group.add_argument("--pack-buffer-size", type=int, default=256, help="samples per first-fit-decreasing round")
     return parser
 
 

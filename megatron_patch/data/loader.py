@@ -8,10 +8,10 @@
                              num_workers=2)
     for batch in loader:              # infinite unless total_samples is given
         ...                           # batch = collate(...) + batch["data_stats"]
-        state = loader.state_dict()   # {"consumed_samples": ..., "stats": ...} for checkpoints
+        state = loader.state_dict()   # per DP rank, for checkpoints (see "State" below)
 
 * The order and the DP slicing come from ``sampler`` (read its docstring for the
-  ``consumed_samples`` and substitute conventions). One micro-batch = one sampler item =
+  ``consumed_samples`` and substitute conventions). Unpacked, one micro-batch = one sampler item =
   one call of ``_MicroBatchReader[slots]`` in one worker; torch's DataLoader returns
   batches in sampler order, so the result does not depend on ``num_workers``.
 * Randomness inside ``encode`` is seeded per sample from (seed, position), and the caller's
@@ -21,7 +21,28 @@
   Only damaged data (``BadSample``) is "bad"; the encoder's policy skips are counted as
   "skipped". When bad / seen exceeds ``max_bad_sample_fraction`` (after
   ``min_samples_before_check`` reads), ``DataQualityError`` names the shard with the most bad samples.
-* ``consumed_samples`` counts batches handed to the caller, not batches prefetched.
+* ``consumed_samples`` counts sampler positions (all DP ranks together, Megatron's meaning) whose
+  samples the main process has received, not the ones workers prefetch (``prefetched_samples``).
+
+Packing (``pack_seq_length``, ``--pack-sequences``)
+---------------------------------------------------
+Workers still read, decode and encode one sampler item (``micro_batch_size`` slots) at a time,
+but return the encoded samples with their positions instead of a batch. The main process feeds
+them, in sampler order, to a ``ResumablePacker`` (first-fit-decreasing with carry-over) and
+collates every ``micro_batch_size`` packed rows into one ``[B, pack_seq_length]`` micro-batch.
+Each DP rank packs its own slice, so ranks may yield different numbers of micro-batches per
+sample drawn. A finite run (``total_samples``) ends with a micro-batch topped up with empty rows.
+
+State (``state_dict``; one per DP rank)
+---------------------------------------
+``consumed_samples``: the global position where this rank's next sampler step starts.
+``stats``: the counters of ``snapshot``. With packing also ``packing``: ``dp_rank``, ``dp_size``,
+the packer's settings, ``buffer`` (``[position, times carried over]`` of the samples waiting in
+the packer) and ``rows`` (positions of each row packed but not yet yielded). ``load_state_dict``
+re-reads and re-encodes those samples (encoding is seeded by position), so the resumed loader
+yields exactly the micro-batches an uninterrupted run would have; that needs the same DP size
+and packing settings. Without ``load_state_dict``, a packed run started from ``consumed_samples``
+alone skips what sat in the packer.
 """
 from __future__ import annotations
 
@@ -37,6 +58,7 @@ import torch
 from PIL import Image
 
 from megatron_patch.data.errors import BadSample, DataQualityError, SkipSample
+from megatron_patch.data.packing import ResumablePacker
 from megatron_patch.data.sampler import DistributedSampler, GlobalOrder, mix64
 from megatron_patch.data.shards import ShardedDataset
 
@@ -88,12 +110,15 @@ class _SampleRng:
 
 
 class _MicroBatchReader(torch.utils.data.Dataset):
-    """``reader[slots]`` -> collated micro-batch with its per-batch ``data_stats``."""
+    """``reader[slots]`` -> collated micro-batch with its per-batch ``data_stats``.
+
+    With ``collate=None`` (packing) it returns ``{"samples": [(position, sample), ...], "data_stats"}``.
+    """
 
     def __init__(self, datasets, encode, collate, seed):
         self.datasets, self.encode, self.collate, self.seed = datasets, encode, collate, seed
 
-    def _load(self, position: int, ds: int, idx: int):
+    def load(self, position: int, ds: int, idx: int) -> dict:
         raw = self.datasets[ds].read(idx)
         images = [decode_image(b, raw.shard, raw.key, i) for i, b in enumerate(raw.images)]
         with _SampleRng(mix64(self.seed, _TAG_SAMPLE, position) % (1 << 63)):
@@ -113,7 +138,7 @@ class _MicroBatchReader(torch.utils.data.Dataset):
             for attempt, (position, ds, idx) in enumerate(slot):
                 seen += 1
                 try:
-                    samples.append(self._load(position, ds, idx))
+                    samples.append((position, self.load(position, ds, idx)))
                 except SkipSample as exc:
                     reasons[exc.reason] += 1
                     if isinstance(exc, BadSample):
@@ -128,13 +153,18 @@ class _MicroBatchReader(torch.utils.data.Dataset):
             worst = shards.most_common(1)[0][0] if shards else "?"
             raise DataQualityError(f"no usable sample for the micro-batch at position "
                                    f"{slots[0][0][0]} (all substitutes failed; most in shard {worst})")
-        batch = self.collate(samples)
-        if not isinstance(batch, dict):
-            raise TypeError(f"collate must return a dict, got {type(batch).__name__}")
-        batch["data_stats"] = {"seen": seen, "bad": bad, "skipped": sum(reasons.values()) - bad,
-                               "substituted": substituted,
-                               "dropped": dropped, "by_reason": dict(reasons), "by_shard": dict(shards)}
-        return batch
+        stats = {"seen": seen, "bad": bad, "skipped": sum(reasons.values()) - bad, "substituted": substituted,
+                 "dropped": dropped, "by_reason": dict(reasons), "by_shard": dict(shards)}
+        if self.collate is None:  # packing: the main process packs and collates, in sampler order
+            return {"samples": samples, "data_stats": stats}
+        return {**_collated(self.collate, [s for _, s in samples]), "data_stats": stats}
+
+
+def _collated(collate: Callable, samples: list) -> dict:
+    batch = collate(samples)
+    if not isinstance(batch, dict):
+        raise TypeError(f"collate must return a dict, got {type(batch).__name__}")
+    return batch
 
 
 class ResumableLoader:
@@ -145,14 +175,20 @@ class ResumableLoader:
                  dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
                  total_samples: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
                  shuffle: bool = True, max_bad_sample_fraction: float = 0.01,
-                 min_samples_before_check: int = 100, num_substitutes: int = 3):
+                 min_samples_before_check: int = 100, num_substitutes: int = 3,
+                 pack_seq_length: int | None = None, pack_buffer_size: int = 256):
+        """``pack_seq_length``: pack samples into rows of this many tokens (None: no packing);
+        ``pack_buffer_size``: samples per first-fit-decreasing round."""
         if not 0 <= max_bad_sample_fraction <= 1:
             raise ValueError(f"--max-bad-sample-fraction must be in [0, 1], got {max_bad_sample_fraction}")
         if num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
         self.datasets = [d if isinstance(d, ShardedDataset) else ShardedDataset(d) for d in datasets]
         self.order = GlobalOrder([len(d) for d in self.datasets], weights, seed, shuffle)
-        self.reader = _MicroBatchReader(self.datasets, encode, collate, seed)
+        self.collate = collate
+        self.reader = _MicroBatchReader(self.datasets, encode, None if pack_seq_length else collate, seed)
+        self.packer = None if pack_seq_length is None else \
+            ResumablePacker(pack_seq_length, pack_buffer_size, micro_batch_size)
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.micro_batch_size, self.total_samples = micro_batch_size, total_samples
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -162,26 +198,56 @@ class ResumableLoader:
         self.consumed_samples = consumed_samples
         self.stats = {"seen": 0, "bad": 0, "skipped": 0, "substituted": 0, "dropped": 0,
                       "by_reason": Counter(), "by_shard": Counter()}
-        self._sampler()  # validate rank / sizes now, not at first iteration
+        self._live_sampler = self._sampler()  # validate rank / sizes now, not at first iteration
 
     def _sampler(self) -> DistributedSampler:
         return DistributedSampler(self.order, self.micro_batch_size, self.dp_rank, self.dp_size,
                                   self.consumed_samples, self.total_samples, self.num_substitutes)
 
-    def __iter__(self):
-        sampler = self._sampler()
-        loader = torch.utils.data.DataLoader(
+    def _dataloader(self, sampler: DistributedSampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
             self.reader, batch_size=None, sampler=sampler, collate_fn=_identity,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             worker_init_fn=functools.partial(_worker_init, seed=self.seed, dp_rank=self.dp_rank),
             # Own generator: building the iterator must not draw from the global torch RNG.
             generator=torch.Generator().manual_seed(self.seed))
-        for batch in loader:
-            self._account(batch.pop("data_stats"))
-            self.consumed_samples += sampler.step_size
+
+    @property
+    def prefetched_samples(self) -> int:
+        """Positions the workers were given beyond ``consumed_samples`` (the read-ahead)."""
+        return self._live_sampler.drawn_until - self.consumed_samples
+
+    def __iter__(self):
+        sampler = self._live_sampler = self._sampler()
+        items = self._dataloader(sampler)
+        yield from (self._unpacked(items, sampler) if self.packer is None else self._packed(items, sampler))
+
+    def _unpacked(self, items, sampler):
+        for batch in items:
+            self._receive(batch.pop("data_stats"), sampler)
             batch["data_stats"] = self.snapshot()
             yield batch
+
+    def _packed(self, items, sampler):
+        yield from self._emit()  # rows packed before a restart come first
+        for item in items:
+            self._receive(item["data_stats"], sampler)
+            for position, sample in item["samples"]:
+                self.packer.push(position, sample)
+            yield from self._emit()
+        self.packer.flush()  # the sampler is exhausted (total_samples): pack what is left
+        yield from self._emit(final=True)
+
+    def _emit(self, final: bool = False):
+        while rows := self.packer.pop_batch(final):
+            batch = _collated(self.collate, rows)
+            batch["data_stats"] = self.snapshot()
+            yield batch
+
+    def _receive(self, delta: dict, sampler: DistributedSampler) -> None:
+        self._account(delta)
+        self.consumed_samples += sampler.step_size
 
     def _account(self, delta: dict) -> None:
         s = self.stats
@@ -205,17 +271,38 @@ class ResumableLoader:
                 "by_reason": dict(s["by_reason"]), "consumed_samples": self.consumed_samples}
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples,
-                "stats": {**self.stats, "by_reason": dict(self.stats["by_reason"]),
-                          "by_shard": dict(self.stats["by_shard"])}}
+        """This rank's position, counters and (packing) packer contents; see the module docstring."""
+        state = {"consumed_samples": self.consumed_samples,
+                 "stats": {**self.stats, "by_reason": dict(self.stats["by_reason"]),
+                           "by_shard": dict(self.stats["by_shard"])}}
+        if self.packer is not None:
+            state["packing"] = {"dp_rank": self.dp_rank, "dp_size": self.dp_size, **self.packer.state_dict()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        packing = state.get("packing")
+        if packing and self.packer is None:
+            raise ValueError("the loader state holds a packer's contents; resume with --pack-sequences")
+        if packing and (packing["dp_rank"], packing["dp_size"]) != (self.dp_rank, self.dp_size):
+            raise ValueError(f"packing state of dp rank {packing['dp_rank']} of {packing['dp_size']} cannot resume "
+                             f"on dp rank {self.dp_rank} of {self.dp_size}: each rank packs its own slice")
         self.consumed_samples = int(state["consumed_samples"])
         stats = state.get("stats")
         if stats:
             self.stats = {**stats, "by_reason": Counter(stats["by_reason"]),
                           "by_shard": Counter(stats["by_shard"])}
-        self._sampler()
+        self._live_sampler = self._sampler()  # validate before re-encoding the packer's samples
+        if self.packer is not None:
+            self.packer.load_state_dict(packing, self._reload)
+
+    def _reload(self, position: int) -> dict:
+        """The encoded sample at ``position`` again (restoring the packer)."""
+        ds, idx = (int(a[0]) for a in self.order.lookup([position]))
+        try:
+            return self.reader.load(position, ds, idx)
+        except SkipSample as exc:
+            raise DataQualityError(f"cannot restore the packer: the sample at position {position} "
+                                   f"({self.datasets[ds].locate(idx)[0]}) now fails ({exc.reason}); did the shards change?") from exc
 
 
 def add_data_arguments(parser):
@@ -225,6 +312,9 @@ def add_data_arguments(parser):
     group.add_argument("--valid-data-path", nargs="+", default=None)
     group.add_argument("--num-workers", type=int, default=2)
     group.add_argument("--max-bad-sample-fraction", type=float, default=0.01)
+    group.add_argument("--pack-sequences", action="store_true",
+                       help="pack several samples per --seq-length sequence (exact resume needs the loader state)")
+    group.add_argument("--pack-buffer-size", type=int, default=256, help="samples per first-fit-decreasing round")
     return parser
 
 
@@ -232,15 +322,18 @@ def build_train_valid_loaders(args, encode: Callable, collate: Callable, dp_rank
     """(train, valid or None) loaders from Megatron-style ``args``.
 
     Reads ``data_path``, ``valid_data_path``, ``seed``, ``micro_batch_size``, ``num_workers``,
-    ``max_bad_sample_fraction``, ``consumed_train_samples``, ``consumed_valid_samples`` and
-    ``train_samples`` (None: endless) from ``args``.
+    ``max_bad_sample_fraction``, ``pack_sequences`` (rows of ``seq_length``), ``pack_buffer_size``,
+    ``consumed_train_samples``, ``consumed_valid_samples`` and ``train_samples`` (None: endless).
+    With packing, restore each rank's ``state_dict`` too for an exact resume.
     """
     from megatron_patch.data.sampler import parse_data_path
 
     common = dict(encode=encode, collate=collate, micro_batch_size=args.micro_batch_size,
                   seed=args.seed, dp_rank=dp_rank, dp_size=dp_size,
                   num_workers=getattr(args, "num_workers", 2),
-                  max_bad_sample_fraction=getattr(args, "max_bad_sample_fraction", 0.01))
+                  max_bad_sample_fraction=getattr(args, "max_bad_sample_fraction", 0.01),
+                  pack_seq_length=args.seq_length if getattr(args, "pack_sequences", False) else None,
+                  pack_buffer_size=getattr(args, "pack_buffer_size", 256))
     dirs, weights = parse_data_path(args.data_path, "--data-path")
     train = ResumableLoader(dirs, weights, shuffle=True,
                             consumed_samples=getattr(args, "consumed_train_samples", 0),

@@ -187,6 +187,7 @@ class DistributedSampler:
         self.consumed_samples = consumed_samples
         self.total_samples = total_samples
         self.num_substitutes = num_substitutes
+        self.drawn_until = consumed_samples  # global position after the last step handed out
 
     @property
     def step_size(self) -> int:
@@ -206,5 +207,8 @@ class DistributedSampler:
     def __iter__(self) -> Iterator[list[tuple]]:
         start = self.consumed_samples
         while self.total_samples is None or start + self.step_size <= self.total_samples:
-            yield self.slots(start)
+            slots = self.slots(start)
             start += self.step_size
+            # How far the sampler has been read: a DataLoader reads ahead of what it has handed out.
+            self.drawn_until = start
+            yield slots

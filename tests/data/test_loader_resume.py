@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,12 @@ def encode_with_rng(record, images):
 
 def collate(samples):
     return {"ids": [s["id"] for s in samples], "extra": [s.get("r") for s in samples]}
+
+
+def collate_rng_probe(samples):
+    """Draws from the worker's global RNGs: collate runs in the worker, outside any per-sample seeding."""
+    worker = torch.utils.data.get_worker_info().id
+    return {"worker": worker, "draws": (random.random(), float(np.random.random()), float(torch.rand(1)))}
 
 
 def corrupt(shard_dir, sample, suffix, how):
@@ -174,3 +181,37 @@ def test_changed_shard_is_reported_at_startup(shard_dirs, tmp_path):
         f.truncate(2048)
     with pytest.raises(ShardIndexError, match="shard-000001.tar changed size"):
         ResumableLoader([a], encode=encode, collate=collate, micro_batch_size=1)
+
+
+def test_workers_are_seeded_per_rank_and_worker_and_reproducibly(shard_dirs):
+    def first_draws():
+        """(dp rank, worker id) -> the first draws of that worker's python, numpy and torch RNGs."""
+        out = {}
+        for rank in (0, 1):
+            loader = ResumableLoader([shard_dirs["A"]], encode=encode, collate=collate_rng_probe,
+                                     micro_batch_size=1, seed=SEED, dp_rank=rank, dp_size=2, num_workers=2)
+            it = iter(loader)
+            for _ in range(2):  # batches go round-robin: one from each worker
+                batch = next(it)
+                out[rank, batch["worker"]] = batch["draws"]
+            it.close()
+        return out
+
+    draws = first_draws()
+    assert sorted(draws) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rng in range(3):  # python, numpy, torch: a distinct stream on every rank and worker
+        assert len({d[rng] for d in draws.values()}) == 4
+    assert first_draws() == draws  # and the same on the next run
+
+
+@pytest.mark.parametrize("workers,prefetch", [(0, 2), (2, 3), (1, 4)])
+def test_workers_prefetch_ahead_of_consumption(shard_dirs, workers, prefetch):
+    loader = ResumableLoader([shard_dirs["A"]], encode=encode, collate=collate, micro_batch_size=MBS,
+                             seed=SEED, num_workers=workers, prefetch_factor=prefetch)
+    it = iter(loader)
+    next(it)
+    next(it)
+    # The DataLoader keeps prefetch x workers batches in flight; none without workers.
+    assert loader.consumed_samples == 2 * MBS
+    assert loader.prefetched_samples == prefetch * workers * MBS
+    it.close()

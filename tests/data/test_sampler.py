@@ -90,3 +90,12 @@ def test_total_samples_and_argument_errors():
         DistributedSampler(order, 0)
     with pytest.raises(ValueError, match="--seed"):
         GlobalOrder([3], seed=-1)
+
+
+def test_drawn_until_follows_the_steps_handed_out():
+    sampler = DistributedSampler(GlobalOrder([10]), 2, 1, 2, consumed_samples=4)
+    it = iter(sampler)
+    assert sampler.drawn_until == 4
+    next(it)
+    next(it)
+    assert sampler.drawn_until == 4 + 2 * 4  # two steps of mbs x dp_size positions
