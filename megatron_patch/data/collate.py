@@ -28,7 +28,9 @@ max_seqlen  (packed)     [] int32                     longest segment
 =======================  ===========================  ==========================================
 
 Vision inputs of a row are in the order of its ``<image>`` blocks (packed samples: concatenated in
-sample order), which is the order the model merges them in.
+sample order), which is the order the model merges them in. A sample's ``pixel_values`` are the
+encoder's uint8 ``PendingImage``s, normalised straight into the batch by ``pad_images``, or float
+``[3, h, w]`` tensors.
 """
 from __future__ import annotations
 

@@ -112,7 +112,8 @@ class SampleEncoder:
         """Tensors of one sample (see the module docstring for the conventions).
 
         Returns tokens / labels / position_ids (int64 [L]), loss_mask (float32 [L]) with L <= seq_length,
-        pixel_values (list of float32 [3, h, w], one per vision input: 5 per image when splitting),
+        pixel_values (list of uint8 ``PendingImage``s, one per vision input: 5 per image when splitting;
+        ``collate`` normalises them into the float32 batch; ``.tensor()`` gives one alone),
         num_images (= len(pixel_values)) and id.
         """
         sample_id = str(record.get("id", "?"))

@@ -6,15 +6,13 @@ do differently is only *how*, because this is the data loader's hot path:
 
 * the image stays a PIL image until after the resize (HF goes PIL -> numpy -> PIL -> numpy);
 * splitting crops the PIL image (the same pixels HF slices out of its array);
-* rescale and normalise: the input is uint8, so each channel has only 256 possible outputs, and
-  a table of them built with HF's arithmetic (float64 rescale, cast to float32, float32
-  ``(x - mean) / std``) gives exact results by look-up. When mean and std are the same for all
-  channels (Idefics2's 0.5) in-place float32 ops on the whole array are faster still; at start-up
-  we run them on all 256 levels and use them only if they reproduce the table exactly.
+* rescale + normalise (``Normaliser``) runs the fewest float32 passes that reproduce HF's numbers
+  on every uint8 level (checked at start-up), and only when ``pad_images`` writes the image into
+  the padded batch: until then a vision input is a ``PendingImage`` holding uint8 pixels.
 
-Padding to the batch's largest image (``pixel_attention_mask``) happens in ``collate.py``; this
-module returns unpadded ``[3, h, w]`` float32 tensors, one per vision input (5 per image when
-splitting: the 4 quarter crops, then the whole image, HF's order).
+The transform returns one ``PendingImage`` per vision input (5 per image when splitting: the 4
+quarter crops, then the whole image, HF's order); ``pad_images`` (called by ``collate.py``) turns
+a batch of them into HF's padded ``pixel_values`` + ``pixel_attention_mask``.
 """
 from __future__ import annotations
 
@@ -162,19 +160,28 @@ def split_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     return [(0, 0, mw, mh), (mw, 0, width, mh), (0, mh, mw, height), (mw, mh, width, height), (0, 0, width, height)]
 
 
-class Idefics2ImageTransform:
-    """Callable turning the PIL images of one sample into a list of ``[3, h, w]`` float32 tensors."""
+class Normaliser:
+    """Rescale + normalise uint8 ``[h, w, 3]`` pixels into a float32 ``[3, h, w]`` buffer, HF's numbers.
 
-    def __init__(self, config: Optional[ImageProcessingConfig] = None):
-        self.config = config or ImageProcessingConfig()
-        self._lut = self._build_lut(self.config)
-        self._divisor = np.float32(1 / self.config.rescale_factor) if self.config.do_rescale else None
-        # Scalar (not per-channel broadcast) numpy ops are the fast ones, so only uniform mean/std.
-        uniform = len(set(self.config.image_mean)) == 1 and len(set(self.config.image_std)) == 1
-        self._mean = np.float32(self.config.image_mean[0])
-        self._std = np.float32(self.config.image_std[0])
+    The input is uint8, so each channel has only 256 possible outputs: a table of them built with
+    HF's arithmetic (float64 rescale, cast to float32, float32 ``(x - mean) / std``) is exact by
+    construction. In-place float32 ops on the whole image are faster than a look-up, so at start-up
+    we run candidate op sequences on all 256 levels of every channel and keep the first that
+    reproduces the table bit for bit; the table is the fallback. For Idefics2's settings the fused
+    ``x / 127.5 - 1`` qualifies (dividing by std = 0.5 is exact, so it commutes with the rounding).
+    """
+
+    def __init__(self, config: ImageProcessingConfig):
+        self.lut = self._build_lut(config)
+        self.steps = None  # the in-place float32 ops in use; None: the look-up table
         levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # [1, 256, 3]
-        self._arithmetic_exact = uniform and np.array_equal(self._arithmetic(levels)[:, 0, :], self._lut)
+        out = np.empty((3, 1, 256), np.float32)
+        for steps in self._candidate_steps(config):
+            self.steps = steps
+            self(levels, out)
+            if np.array_equal(out[:, 0, :], self.lut):
+                return
+        self.steps = None
 
     @staticmethod
     def _build_lut(cfg: ImageProcessingConfig) -> np.ndarray:
@@ -188,15 +195,67 @@ class Idefics2ImageTransform:
             values = (values - mean) / std
         return np.ascontiguousarray(values, dtype=np.float32)
 
-    def _arithmetic(self, pixels: np.ndarray) -> np.ndarray:
-        """[h, w, 3] uint8 -> [3, h, w] float32 by in-place scalar float32 ops (exact when checked)."""
-        out = pixels.transpose(2, 0, 1).astype(np.float32)
-        if self._divisor is not None:
-            out /= self._divisor
-        if self.config.do_normalize:
-            out -= self._mean
-            out /= self._std
-        return out
+    @staticmethod
+    def _candidate_steps(cfg: ImageProcessingConfig):
+        """In-place (ufunc, float32 constant) sequences, fewest passes first."""
+        def const(values):  # a scalar when all channels agree: scalar ops are the fast ones
+            values = np.asarray(values, np.float64)
+            return np.float32(values[0]) if len(set(values.tolist())) == 1 else values.astype(np.float32)[:, None, None]
+
+        divisor = 1 / cfg.rescale_factor
+        mean, std = np.asarray(cfg.image_mean, np.float64), np.asarray(cfg.image_std, np.float64)
+        if cfg.do_rescale and cfg.do_normalize:
+            yield [(np.divide, const(divisor * std)), (np.subtract, const(mean / std))]
+        rescale = [(np.divide, const([divisor] * 3))] if cfg.do_rescale else []
+        normalise = [(np.subtract, const(mean)), (np.divide, const(std))] if cfg.do_normalize else []
+        yield rescale + normalise
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray) -> None:
+        """Write pixels [h, w, 3] uint8 into out [3, h, w] float32 (may be a view into a batch)."""
+        if self.steps is None:
+            for c in range(3):
+                np.take(self.lut[c], pixels[..., c], out=out[c], mode="clip")
+            return
+        # Work on a contiguous temporary and copy once: in-place ops on it are fast and, freed right
+        # away, its memory is reused warm; ops straight on the strided batch slot measured slower.
+        work = pixels.transpose(2, 0, 1).astype(np.float32, order="C")
+        for ufunc, value in self.steps:
+            ufunc(work, value, out=work)
+        out[...] = work
+
+
+class PendingImage:
+    """One vision input, resized but still uint8: normalised only when written into the batch.
+
+    Deferring the float conversion to ``pad_images`` means one transient float buffer at a time
+    (reused warm) instead of a float copy of every image held until collate, and buffered samples
+    (packing) 4x smaller. ``shape`` is the float tensor's ``[3, h, w]``; ``tensor()`` gives it alone.
+    """
+
+    __slots__ = ("pixels", "normaliser")
+
+    def __init__(self, pixels: np.ndarray, normaliser: Normaliser):
+        self.pixels, self.normaliser = pixels, normaliser
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((3,) + self.pixels.shape[:2])
+
+    def write_to(self, out: np.ndarray) -> None:
+        self.normaliser(self.pixels, out)
+
+    def tensor(self) -> torch.Tensor:
+        out = np.empty(tuple(self.shape), np.float32)
+        self.write_to(out)
+        return torch.from_numpy(out)
+
+
+class Idefics2ImageTransform:
+    """Callable turning the PIL images of one sample into a list of ``PendingImage`` vision inputs."""
+
+    def __init__(self, config: Optional[ImageProcessingConfig] = None):
+        self.config = config or ImageProcessingConfig()
+        self.normaliser = Normaliser(self.config)
 
     def _resize(self, image: Image.Image) -> Image.Image:
         if not self.config.do_resize:
@@ -206,37 +265,31 @@ class Idefics2ImageTransform:
             return image  # PIL would return an identical copy
         return image.resize((w, h), resample=self.config.resample)
 
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        pixels = np.asarray(image)  # [h, w, 3] uint8
-        if self._arithmetic_exact:
-            return torch.from_numpy(self._arithmetic(pixels))
-        out = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
-        for c in range(3):
-            np.take(self._lut[c], pixels[..., c], out=out[c], mode="clip")
-        return torch.from_numpy(out)
-
-    def process_image(self, image: Image.Image, where: str = "") -> list[torch.Tensor]:
-        """The vision inputs of one image: [whole] or [4 quarters..., whole] when splitting."""
+    def resized_crops(self, image: Image.Image, where: str = "") -> list[Image.Image]:
+        """The resized RGB vision inputs of one image: [whole] or [4 quarters..., whole] when splitting."""
         if image.width < 1 or image.height < 1 or (self.config.image_splitting and min(image.size) < 2):
             raise SkipSample("image_too_small", f"{where}image of {image.width}x{image.height} px")
         rgb = to_rgb(image)
-        if not self.config.image_splitting:
-            return [self._to_tensor(self._resize(rgb))]
-        crops = []
-        for box in split_boxes(*rgb.size):
-            crop = rgb if box == (0, 0) + rgb.size else rgb.crop(box)
-            crops.append(self._to_tensor(self._resize(crop)))
-        return crops
+        whole = (0, 0) + rgb.size
+        boxes = split_boxes(*rgb.size) if self.config.image_splitting else [whole]
+        return [self._resize(rgb if box == whole else rgb.crop(box)) for box in boxes]
 
-    def __call__(self, images: Sequence[Image.Image], where: str = "") -> list[torch.Tensor]:
+    def process_image(self, image: Image.Image, where: str = "") -> list[PendingImage]:
+        """``resized_crops`` as uint8 arrays (one PIL -> numpy conversion each), normalised later."""
+        return [PendingImage(np.asarray(crop), self.normaliser) for crop in self.resized_crops(image, where)]
+
+    def __call__(self, images: Sequence[Image.Image], where: str = "") -> list[PendingImage]:
         out = []
         for i, image in enumerate(images):
             out.extend(self.process_image(image, f"{where}image {i}: "))
         return out
 
 
-def pad_images(per_sample: Sequence[Sequence[torch.Tensor]]):
+def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]]):
     """Pad the vision inputs of a batch to one tensor, bottom/right, HF's layout.
+
+    Each input is a ``PendingImage`` (normalised straight into its slot) or a float ``[3, h, w]``
+    tensor (copied as is).
 
     Returns pixel_values [B, max_images, 3, H, W] float32 (zeros in padding),
     pixel_attention_mask [B, max_images, H, W] bool (True on real pixels) and
@@ -253,10 +306,14 @@ def pad_images(per_sample: Sequence[Sequence[torch.Tensor]]):
     pixel_values = torch.from_numpy(np.zeros((batch, max_images, 3, height, width), dtype=np.float32))
     pixel_mask = torch.from_numpy(np.zeros((batch, max_images, height, width), dtype=np.bool_))
     image_mask = torch.zeros(batch, max_images, dtype=torch.bool)
+    values = pixel_values.numpy()  # the same memory, for numpy writers
     for b, images in enumerate(per_sample):
         for i, img in enumerate(images):
             h, w = img.shape[-2:]
-            pixel_values[b, i, :, :h, :w] = img
+            if isinstance(img, PendingImage):
+                img.write_to(values[b, i, :, :h, :w])  # normalised straight into its slot
+            else:
+                pixel_values[b, i, :, :h, :w] = img
             pixel_mask[b, i, :h, :w] = True
             image_mask[b, i] = True
     return pixel_values, pixel_mask, image_mask

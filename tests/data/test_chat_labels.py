@@ -197,8 +197,33 @@ def test_flags_build_the_encoder():
     from megatron_patch.data.encoder import add_encoder_arguments, encoder_from_args
 
     args = add_encoder_arguments(argparse.ArgumentParser()).parse_args(
-        ["--image-size", "224", "--image-splitting", "--no-answer-loss-only", "--image-seq-len", "8"])
+        ["--image-size", "224", "--shortest-edge", "30", "--image-splitting", "--no-answer-loss-only",
+         "--image-seq-len", "8"])
     args.seq_length = 128
     encoder = encoder_from_args(args, tokenizer_dir())
     assert encoder.image_config.longest_edge == 224 and encoder.image_config.image_splitting
+    assert encoder.image_config.shortest_edge == 30
     assert encoder.image_seq_len == 8 and not encoder.chat.answer_loss_only and encoder.seq_length == 128
+
+
+@pytest.mark.parametrize("pad", ["", None], ids=["empty", "unset"])
+def test_empty_or_unset_pad_token_falls_back_to_unk(pad):
+    """Never the empty string, and never EOS (a content token we train on): Idefics2's <unk>."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    tok.pad_token = pad
+    chat = ChatTokenizer(tok, 2)
+    assert chat.pad_token_id == tok.unk_token_id == PAD and chat.pad_token_id != tok.eos_token_id
+    ids, target = chat.encode(conversation(("user", "x"), ("assistant", "y <unk>"))["messages"])
+    assert (ids == PAD).any() and not target[ids == PAD].any()
+
+
+def test_pad_id_decision():
+    from types import SimpleNamespace as Tok
+
+    # An empty pad token is ignored even when an id comes with it (here EOS's).
+    assert ChatTokenizer._pad_id(Tok(pad_token="", pad_token_id=2, unk_token_id=0)) == 0
+    assert ChatTokenizer._pad_id(Tok(pad_token="<pad>", pad_token_id=7, unk_token_id=0)) == 7
+    with pytest.raises(ValueError, match="set pad_token"):
+        ChatTokenizer._pad_id(Tok(pad_token=None, pad_token_id=None, unk_token_id=None, name_or_path="t"))

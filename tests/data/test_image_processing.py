@@ -3,8 +3,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from encoder_fixtures import hf_image_processor, make_image  # noqa: E402
@@ -49,20 +51,39 @@ def test_pixels_equal_transformers(splitting, edges):
     assert image_mask.sum(1).tolist() == expected_counts
 
 
-@pytest.mark.parametrize("settings,fast", [
-    (dict(image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711)), False),
-    (dict(rescale_factor=1 / 256), True),
-    (dict(rescale_factor=0.0039215), False),  # float32 ops differ from HF here: the table runs
-    (dict(image_mean=(0.4, 0.4, 0.4), image_std=(0.3, 0.3, 0.3)), True),
-], ids=["per-channel-norm", "rescale-1/256", "odd-rescale", "uniform-norm"])
-def test_custom_normalisation_equals_transformers(settings, fast):
+CUSTOM_SETTINGS = [  # (settings, float32 passes the normaliser should pick; None = look-up table)
+    (dict(), 2),  # Idefics2's: the fused x / 127.5 - 1
+    (dict(image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711)), 3),
+    (dict(rescale_factor=1 / 256), 2),
+    (dict(rescale_factor=0.0039215), None),  # float32 ops differ from HF here: the table runs
+    (dict(image_mean=(0.4, 0.4, 0.4), image_std=(0.3, 0.3, 0.3)), 3),
+    (dict(do_normalize=False), 1),
+]
+SETTINGS_IDS = ["idefics2", "per-channel-norm", "rescale-1/256", "odd-rescale", "uniform-norm", "rescale-only"]
+
+
+@pytest.mark.parametrize("settings,passes", CUSTOM_SETTINGS, ids=SETTINGS_IDS)
+def test_custom_normalisation_equals_transformers(settings, passes):
     config = ImageProcessingConfig(longest_edge=50, **settings)
     transform = Idefics2ImageTransform(config)
-    assert transform._arithmetic_exact is fast
+    steps = transform.normaliser.steps
+    assert (None if steps is None else len(steps)) == passes
     batch = _batch()
     ref = hf_image_processor(config)(batch, return_tensors="pt")
     pixel_values, _, _ = pad_images([transform(s) for s in batch])
     assert torch.equal(pixel_values, ref["pixel_values"])
+
+
+@pytest.mark.parametrize("settings,passes", CUSTOM_SETTINGS, ids=SETTINGS_IDS)
+def test_every_uint8_level_equals_transformers(settings, passes):
+    """All 256 levels in every channel, unresized: whichever arithmetic was picked is exact on each."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(np.stack([levels, levels.T, 255 - levels], axis=-1))  # channels differ per pixel
+    config = ImageProcessingConfig(longest_edge=16, shortest_edge=1, **settings)
+    ref = hf_image_processor(config)([[image]], return_tensors="pt")["pixel_values"][0, 0]
+    pending = Idefics2ImageTransform(config)([image])[0]
+    assert pending.pixels.dtype == np.uint8 and pending.shape == ref.shape
+    assert torch.equal(pending.tensor(), ref)
 
 
 def test_black_image_is_still_a_real_image():
