@@ -24,6 +24,9 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest>=8", "mistral-common>=1.5"],
+        # Evaluation and plots (toolkits/eval); sacrebleu adds BLEU when installed.
+        "eval": ["rouge-score>=0.1.2", "matplotlib>=3.7"],
+        # The test suite and the README's main job.
+        "test": ["pytest>=8", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7", "tensorboard>=2.14"],
     },
 )

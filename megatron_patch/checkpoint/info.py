@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_patch.checkpoint.errors import CheckpointError
-from megatron_patch.checkpoint.layout import Iteration, parse_iteration
+from megatron_patch.checkpoint.layout import Iteration, parse_iteration, write_durable
 from megatron_patch.models.idefics2.config import ParallelOptions
 from megatron_patch.models.idefics2.weight_mapping import PipelineLayout
 
@@ -66,7 +66,7 @@ class CheckpointInfo:
 
     def write(self, folder) -> None:
         path = Path(folder) / INFO_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_durable(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, folder) -> "CheckpointInfo":

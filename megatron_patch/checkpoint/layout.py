@@ -69,12 +69,46 @@ def read_tracker(ckpt_dir) -> Optional[Iteration]:
         raise CheckpointError(f"tracker {path} holds {text!r}; expected an iteration number or '{RELEASE}'") from None
 
 
+def write_durable(path, text: str) -> None:
+    """Write a small text file and fsync it (a crash after this returns keeps its content)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path) -> None:
+    """fsync a folder, so the names created, renamed or removed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file and folder under `root` (and `root`) before it is published by a rename.
+
+    Ranks fsync the files they write themselves (on a shared filesystem only the writer's fsync
+    counts); this pass covers files copied by rank 0 and every folder entry."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def write_tracker(ckpt_dir, iteration: Iteration) -> None:
-    """Point the tracker at `iteration` (atomic replace: readers see the old or the new content)."""
+    """Point the tracker at `iteration`: written aside, fsynced, then atomically renamed over the
+    old one and the folder fsynced (readers and crashes see the old or the new content)."""
     path = Path(ckpt_dir) / TRACKER_FILE
     tmp = path.with_name(f".{TRACKER_FILE}.tmp")
-    tmp.write_text(f"{parse_iteration(iteration)}\n")
+    write_durable(tmp, f"{parse_iteration(iteration)}\n")
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def list_iterations(ckpt_dir) -> list:
@@ -143,6 +177,8 @@ def commit(staging, final, replace: bool = False) -> None:
             shutil.rmtree(old)
         os.rename(final, old)  # kept until the new folder is in place
         os.rename(staging, final)
+        fsync_dir(final.parent)
         shutil.rmtree(old)
     else:
         os.rename(staging, final)
+    fsync_dir(final.parent)

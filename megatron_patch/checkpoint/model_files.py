@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.checkpoint.layout import write_durable
 from megatron_patch.checkpoint.safetensors_io import (
     open_safetensors,
     read_tensor,
@@ -44,8 +45,10 @@ def own_tensor(tensor: torch.Tensor) -> torch.Tensor:
 class RankWriter:
     """Writes one rank folder: `add` tensors, `flush` them into the next file, `close` writes the index."""
 
-    def __init__(self, rank_dir):
+    def __init__(self, rank_dir, stem: str = "model", index_file: str = INDEX_FILE):
+        """`stem` / `index_file`: model tensors by default; training's optimizer state uses its own."""
         self.rank_dir = Path(rank_dir)
+        self.stem, self.index_file = stem, index_file
         self.rank_dir.mkdir(parents=True, exist_ok=True)
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffered_bytes = 0
@@ -65,7 +68,7 @@ class RankWriter:
         if name in self.buffer or name in self.weight_map:
             raise CheckpointError(f"tensor {name} written twice to {self.rank_dir}")
         self.files += 1
-        file_name = f"model-{self.files:05d}.safetensors"
+        file_name = f"{self.stem}-{self.files:05d}.safetensors"
         write_safetensors(self.rank_dir / file_name, {name: tensor.detach().cpu()}, metadata={"format": "pt"})
         self.weight_map[name] = file_name
         self.total_bytes += tensor.nbytes
@@ -74,7 +77,7 @@ class RankWriter:
         if not self.buffer:
             return
         self.files += 1
-        file_name = f"model-{self.files:05d}.safetensors"
+        file_name = f"{self.stem}-{self.files:05d}.safetensors"
         write_safetensors(self.rank_dir / file_name, self.buffer, metadata={"format": "pt"})
         for name in self.buffer:
             self.weight_map[name] = file_name
@@ -88,7 +91,7 @@ class RankWriter:
             "metadata": {"total_size": self.total_bytes, "num_tensors": len(self.weight_map)},
             "weight_map": dict(sorted(self.weight_map.items())),
         }
-        (self.rank_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_durable(self.rank_dir / self.index_file, json.dumps(index, indent=2) + "\n")
 
 
 class WriterPool:
@@ -120,10 +123,13 @@ class WriterPool:
         )
 
 
-def write_rank_tensors(rank_dir, tensors: dict, max_file_bytes: int = 2 << 30) -> int:
-    """Write a whole rank's tensors (a training save), in files of at most ~max_file_bytes; returns bytes."""
-    writer = RankWriter(rank_dir)
-    for name, tensor in tensors.items():
+def write_rank_tensors(rank_dir, tensors, max_file_bytes: int = 2 << 30, stem: str = "model",
+                       index_file: str = INDEX_FILE) -> int:
+    """Write a whole rank's tensors (a training save; a dict or (name, tensor) pairs, consumed one at
+    a time), in files of at most ~max_file_bytes; returns bytes."""
+    writer = RankWriter(rank_dir, stem, index_file)
+    tensors = tensors.items() if isinstance(tensors, dict) else tensors
+    for name, tensor in tensors:
         writer.add(name, tensor)
         if writer.buffered_bytes >= max_file_bytes:
             writer.flush()
@@ -134,9 +140,10 @@ def write_rank_tensors(rank_dir, tensors: dict, max_file_bytes: int = 2 << 30) -
 class RankReader:
     """Reads one rank folder lazily: tensors are loaded one at a time, on request."""
 
-    def __init__(self, rank_dir):
+    def __init__(self, rank_dir, index_file: str = INDEX_FILE):
         self.rank_dir = Path(rank_dir)
-        index_path = self.rank_dir / INDEX_FILE
+        self.index_file = index_file
+        index_path = self.rank_dir / index_file
         if not self.rank_dir.is_dir():
             raise CheckpointError(f"rank folder {self.rank_dir} is missing")
         if not index_path.is_file():
@@ -157,13 +164,13 @@ class RankReader:
 
     def _handle(self, name: str):
         if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name} is not in {self.rank_dir / INDEX_FILE}")
+            raise CheckpointError(f"tensor {name} is not in {self.rank_dir / self.index_file}")
         file_name = self.weight_map[name]
         handle = self._handles.get(file_name)
         if handle is None:
             handle = self._handles[file_name] = open_safetensors(self.rank_dir / file_name)
         if name not in handle.keys():
-            raise CheckpointError(f"{self.rank_dir / INDEX_FILE} places {name} in {file_name}, which lacks it")
+            raise CheckpointError(f"{self.rank_dir / self.index_file} places {name} in {file_name}, which lacks it")
         return handle
 
     def shape(self, name: str) -> tuple:

@@ -19,7 +19,7 @@ from megatron_patch.checkpoint.config_files import HF_CONFIG_DIR, read_idefics2_
 from megatron_patch.checkpoint.errors import CheckpointError
 from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.checkpoint.layout import Iteration, rank_dir_name, resolve_iteration
-from megatron_patch.checkpoint.model_files import RankReader
+from megatron_patch.checkpoint.model_files import INDEX_FILE, RankReader
 from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
 from megatron_patch.models.idefics2.weight_mapping import TensorMapping, mcore_to_hf, tensor_mappings
 
@@ -27,8 +27,11 @@ from megatron_patch.models.idefics2.weight_mapping import TensorMapping, mcore_t
 class ShardedCheckpoint:
     """One iteration folder opened for reading: its info, its HF config, its ranks' tensors (lazy)."""
 
-    def __init__(self, iteration_dir, hf_config=None):
+    def __init__(self, iteration_dir, hf_config=None, index_file: str = INDEX_FILE, prefix: str = ""):
+        """`index_file` / `prefix`: which tensors of the rank folders to read (the model's by default;
+        training's optimizer state keeps e.g. `exp_avg/<name>` under its own index)."""
         self.dir = Path(iteration_dir)
+        self.index_file, self.prefix = index_file, prefix
         self.info = CheckpointInfo.read(self.dir)
         self.hf_config = hf_config if hf_config is not None else read_idefics2_config(self.dir / HF_CONFIG_DIR)
         self.layout = self.info.pipeline_layout(self.hf_config)
@@ -57,7 +60,7 @@ class ShardedCheckpoint:
     def reader(self, stage: int, tp_rank: int) -> RankReader:
         key = (stage, tp_rank)
         if key not in self._readers:
-            self._readers[key] = RankReader(self.rank_dir(stage, tp_rank))
+            self._readers[key] = RankReader(self.rank_dir(stage, tp_rank), self.index_file)
         return self._readers[key]
 
     def mcore_shards(self, stage: int, local: str) -> list[torch.Tensor]:
@@ -65,9 +68,10 @@ class ShardedCheckpoint:
         shards = []
         for r in range(self.tp_size):
             reader = self.reader(stage, r)
-            if local not in reader:
-                raise CheckpointError(f"tensor {local} is missing from {reader.rank_dir}")
-            shards.append(reader.get(local))
+            name = self.prefix + local
+            if name not in reader:
+                raise CheckpointError(f"tensor {name} is missing from {reader.rank_dir / self.index_file}")
+            shards.append(reader.get(name))
         return shards
 
     def hf_tensors(self, m: TensorMapping, stage: int, local: str) -> list[torch.Tensor]:

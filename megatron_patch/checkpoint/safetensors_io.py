@@ -8,6 +8,8 @@ read through short-lived handles (`read_tensor`), and freed heap pages are hande
 """
 from __future__ import annotations
 
+import os
+
 import ctypes
 import ctypes.util
 import json
@@ -91,6 +93,8 @@ def write_safetensors(path, tensors: dict, metadata: Optional[dict] = None) -> N
         f.write(prefix)
         for tensor in tensors.values():
             f.write(tensor_bytes(tensor))
+        f.flush()
+        os.fsync(f.fileno())  # durable before the folder holding it is published
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:

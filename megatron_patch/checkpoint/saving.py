@@ -25,6 +25,7 @@ from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.checkpoint.layout import (
     Iteration,
     commit,
+    fsync_tree,
     iteration_dir_name,
     parse_iteration,
     rank_dir_name,
@@ -125,6 +126,7 @@ def save_model_weights(
                 created_by="training",
             ).write(staging)
             write_config_dir(staging / HF_CONFIG_DIR, hf_config, config_source)
+            fsync_tree(staging)  # everything durable before the rename publishes it
             commit(staging, final, replace=True)
             write_tracker(root, iteration)
         except Exception as err:

@@ -89,6 +89,13 @@ def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int) -> dict
     return out
 
 
+def empty_sample() -> dict:
+    """A row with no sample (a failed slot, or past the end of a finite set): all pad, zero loss mask."""
+    none = torch.zeros(0, dtype=torch.int64)
+    return {"id": "", "tokens": none, "labels": none, "loss_mask": torch.zeros(0), "position_ids": none,
+            "pixel_values": [], "num_images": 0}
+
+
 class Collator:
     """``collate`` bound to one model's seq_length and pad token, for ``DataLoader(collate_fn=...)``."""
 

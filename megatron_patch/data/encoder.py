@@ -4,7 +4,8 @@ Label convention (Megatron's): the model sees ``tokens = ids[:-1]`` and is train
 ``labels = ids[1:]``, so ``labels[i]`` is the target *at* position ``i`` (already shifted; no shift
 in the loss). ``loss_mask[i]`` (float32, 1.0 or 0.0) says whether ``labels[i]`` counts; it is 0 for
 image, fake-image and pad targets, and with ``answer_loss_only`` for everything outside assistant
-answers (see ``chat.py``).
+answers (see ``chat.py``). The training flag ``--answer-loss-only`` is opt-in (default: every text
+token counts); the ``SampleEncoder`` constructor keeps ``answer_loss_only=True`` for library callers.
 
 Too long: a sample whose ``tokens`` would exceed ``seq_length`` is cut at ``seq_length`` when no
 ``<image>`` or ``<fake_token_around_image>`` token lies at or after the cut (an image's token block
@@ -152,16 +153,17 @@ def add_encoder_arguments(parser):
                        help="feed each image as 4 crops + the whole image (default: saved setting, else off)")
     group.add_argument("--image-seq-len", type=int, default=None,
                        help=f"<image> tokens per image = perceiver latents (default: saved, else {DEFAULT_IMAGE_SEQ_LEN})")
-    group.add_argument("--answer-loss-only", action=argparse.BooleanOptionalAction, default=True,
-                       help="train on assistant answers only (default); --no-answer-loss-only trains on all text")
+    group.add_argument("--answer-loss-only", action=argparse.BooleanOptionalAction, default=False,
+                       help="train on assistant answers only (default off: every text token counts)")
     return parser
 
 
 def encoder_from_args(args, tokenizer_dir) -> SampleEncoder:
-    """``SampleEncoder`` from Megatron-style args (``seq_length`` plus the flags above)."""
+    """``SampleEncoder`` from Megatron-style args (``seq_length`` plus the flags above); the loss
+    covers every text token unless ``args.answer_loss_only`` is set."""
     return SampleEncoder(
         tokenizer_dir, args.seq_length,
-        answer_loss_only=getattr(args, "answer_loss_only", True),
+        answer_loss_only=getattr(args, "answer_loss_only", False),
         longest_edge=getattr(args, "image_size", None),
         shortest_edge=getattr(args, "shortest_edge", None),
         image_splitting=getattr(args, "image_splitting", None),

@@ -58,6 +58,7 @@ import torch
 from PIL import Image
 
 from megatron_patch.data.errors import BadSample, DataQualityError, SkipSample
+from megatron_patch.data.collate import empty_sample
 from megatron_patch.data.packing import ResumablePacker
 from megatron_patch.data.sampler import DistributedSampler, GlobalOrder, mix64
 from megatron_patch.data.shards import ShardedDataset
@@ -134,7 +135,11 @@ class _MicroBatchReader(torch.utils.data.Dataset):
     def __getitem__(self, slots: Sequence[tuple]):
         samples, reasons, shards = [], Counter(), Counter()
         seen = bad = substituted = dropped = 0
+        empty = 0  # slots past the end of a finite set (validation tail): all-pad rows, not data loss
         for slot in slots:
+            if not slot:
+                empty += 1
+                continue
             for attempt, (position, ds, idx) in enumerate(slot):
                 seen += 1
                 try:
@@ -149,7 +154,7 @@ class _MicroBatchReader(torch.utils.data.Dataset):
                 break
             else:
                 dropped += 1
-        if not samples:
+        if not samples and not empty:
             worst = shards.most_common(1)[0][0] if shards else "?"
             raise DataQualityError(f"no usable sample for the micro-batch at position "
                                    f"{slots[0][0][0]} (all substitutes failed; most in shard {worst})")
@@ -157,7 +162,10 @@ class _MicroBatchReader(torch.utils.data.Dataset):
                  "dropped": dropped, "by_reason": dict(reasons), "by_shard": dict(shards)}
         if self.collate is None:  # packing: the main process packs and collates, in sampler order
             return {"samples": samples, "data_stats": stats}
-        return {**_collated(self.collate, [s for _, s in samples]), "data_stats": stats}
+        # A micro-batch keeps its [micro_batch_size, seq_length] shape: a slot whose sample and all
+        # substitutes failed (counted in "dropped"), or past the end of the set, is an all-pad row.
+        rows = [s for _, s in samples] + [empty_sample() for _ in range(len(slots) - len(samples))]
+        return {**_collated(self.collate, rows), "data_stats": stats}
 
 
 def _collated(collate: Callable, samples: list) -> dict:
@@ -176,9 +184,10 @@ class ResumableLoader:
                  total_samples: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
                  shuffle: bool = True, max_bad_sample_fraction: float = 0.01,
                  min_samples_before_check: int = 100, num_substitutes: int = 3,
-                 pack_seq_length: int | None = None, pack_buffer_size: int = 256):
+                 pack_seq_length: int | None = None, pack_buffer_size: int = 256, keep_tail: bool = False):
         """``pack_seq_length``: pack samples into rows of this many tokens (None: no packing);
-        ``pack_buffer_size``: samples per first-fit-decreasing round."""
+        ``pack_buffer_size``: samples per first-fit-decreasing round; ``keep_tail``: with
+        ``total_samples``, the last partial step too, topped up with all-pad rows (validation)."""
         if not 0 <= max_bad_sample_fraction <= 1:
             raise ValueError(f"--max-bad-sample-fraction must be in [0, 1], got {max_bad_sample_fraction}")
         if num_workers < 0:
@@ -195,6 +204,7 @@ class ResumableLoader:
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.min_samples_before_check = min_samples_before_check
         self.num_substitutes = num_substitutes
+        self.keep_tail = keep_tail
         self.consumed_samples = consumed_samples
         self.stats = {"seen": 0, "bad": 0, "skipped": 0, "substituted": 0, "dropped": 0,
                       "by_reason": Counter(), "by_shard": Counter()}
@@ -202,7 +212,12 @@ class ResumableLoader:
 
     def _sampler(self) -> DistributedSampler:
         return DistributedSampler(self.order, self.micro_batch_size, self.dp_rank, self.dp_size,
-                                  self.consumed_samples, self.total_samples, self.num_substitutes)
+                                  self.consumed_samples, self.total_samples, self.num_substitutes,
+                                  self.keep_tail)
+
+    def num_steps(self) -> int | None:
+        """Micro-batches left to yield when unpacked and finite (None: endless)."""
+        return self._sampler().num_steps()
 
     def _dataloader(self, sampler: DistributedSampler) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
@@ -248,6 +263,8 @@ class ResumableLoader:
     def _receive(self, delta: dict, sampler: DistributedSampler) -> None:
         self._account(delta)
         self.consumed_samples += sampler.step_size
+        if self.total_samples is not None:  # a kept tail step ends the set, not beyond it
+            self.consumed_samples = min(self.consumed_samples, self.total_samples)
 
     def _account(self, delta: dict) -> None:
         s = self.stats
@@ -323,24 +340,29 @@ def build_train_valid_loaders(args, encode: Callable, collate: Callable, dp_rank
 
     Reads ``data_path``, ``valid_data_path``, ``seed``, ``micro_batch_size``, ``num_workers``,
     ``max_bad_sample_fraction``, ``pack_sequences`` (rows of ``seq_length``), ``pack_buffer_size``,
-    ``consumed_train_samples``, ``consumed_valid_samples`` and ``train_samples`` (None: endless).
-    With packing, restore each rank's ``state_dict`` too for an exact resume.
+    ``consumed_train_samples`` and ``train_samples`` (None: endless).
+    With packing, restore each rank's ``state_dict`` too for an exact resume. The validation loader
+    covers its whole set once, in stored order, unpacked (packing changes no per-token loss), its
+    last micro-batch topped up with all-pad rows; ``valid.num_steps()`` is the same on every rank.
     """
     from megatron_patch.data.sampler import parse_data_path
 
     common = dict(encode=encode, collate=collate, micro_batch_size=args.micro_batch_size,
                   seed=args.seed, dp_rank=dp_rank, dp_size=dp_size,
                   num_workers=getattr(args, "num_workers", 2),
-                  max_bad_sample_fraction=getattr(args, "max_bad_sample_fraction", 0.01),
-                  pack_seq_length=args.seq_length if getattr(args, "pack_sequences", False) else None,
-                  pack_buffer_size=getattr(args, "pack_buffer_size", 256))
-    dirs, weights = parse_data_path(args.data_path, "--data-path")
-    train = ResumableLoader(dirs, weights, shuffle=True,
-                            consumed_samples=getattr(args, "consumed_train_samples", 0),
-                            total_samples=getattr(args, "train_samples", None), **common)
+                  max_bad_sample_fraction=getattr(args, "max_bad_sample_fraction", 0.01))
+    train = None
+    if getattr(args, "data_path", None):
+        dirs, weights = parse_data_path(args.data_path, "--data-path")
+        train = ResumableLoader(dirs, weights, shuffle=True,
+                                consumed_samples=getattr(args, "consumed_train_samples", 0),
+                                total_samples=getattr(args, "train_samples", None),
+                                pack_seq_length=args.seq_length if getattr(args, "pack_sequences", False) else None,
+                                pack_buffer_size=getattr(args, "pack_buffer_size", 256), **common)
     valid = None
     if getattr(args, "valid_data_path", None):
         dirs, weights = parse_data_path(args.valid_data_path, "--valid-data-path")
-        valid = ResumableLoader(dirs, weights, shuffle=False,
-                                consumed_samples=getattr(args, "consumed_valid_samples", 0), **common)
+        datasets = [ShardedDataset(d) for d in dirs]
+        valid = ResumableLoader(datasets, weights, shuffle=False, keep_tail=True,
+                                total_samples=sum(len(d) for d in datasets), **common)
     return train, valid

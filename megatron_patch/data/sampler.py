@@ -172,7 +172,9 @@ class DistributedSampler:
 
     def __init__(self, order: GlobalOrder, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, consumed_samples: int = 0, total_samples: int | None = None,
-                 num_substitutes: int = 3):
+                 num_substitutes: int = 3, keep_tail: bool = False):
+        """``keep_tail`` (finite runs, e.g. validation): also yield the last, partial step; its
+        slots past ``total_samples`` are empty tuples (the loader turns them into all-pad rows)."""
         if micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size must be >= 1, got {micro_batch_size}")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -187,6 +189,7 @@ class DistributedSampler:
         self.consumed_samples = consumed_samples
         self.total_samples = total_samples
         self.num_substitutes = num_substitutes
+        self.keep_tail = keep_tail
         self.drawn_until = consumed_samples  # global position after the last step handed out
 
     @property
@@ -204,10 +207,22 @@ class DistributedSampler:
         return [tuple((int(p), int(d), int(i)) for p, d, i in rows[:, s])
                 for s in range(len(own))]
 
+    def num_steps(self) -> int | None:
+        """Steps left from ``consumed_samples`` (None: endless); the same on every rank."""
+        if self.total_samples is None:
+            return None
+        left = self.total_samples - self.consumed_samples
+        return -(-left // self.step_size) if self.keep_tail else left // self.step_size
+
     def __iter__(self) -> Iterator[list[tuple]]:
         start = self.consumed_samples
-        while self.total_samples is None or start + self.step_size <= self.total_samples:
+        steps = self.num_steps()
+        while steps is None or steps > 0:
             slots = self.slots(start)
+            if self.total_samples is not None:
+                first = start + self.dp_rank * self.micro_batch_size
+                slots = [s if first + i < self.total_samples else () for i, s in enumerate(slots)]
+            steps = None if steps is None else steps - 1
             start += self.step_size
             # How far the sampler has been read: a DataLoader reads ahead of what it has handed out.
             self.drawn_until = start

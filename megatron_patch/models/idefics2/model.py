@@ -90,6 +90,21 @@ class Idefics2Model(MegatronModule):
         flat_mask = patch_mask.flatten(1)
         return self.connector(hidden[flat_mask], flat_mask.sum(dim=1))
 
+    def _vision_trains(self) -> bool:
+        """True when a backward pass will follow and the vision tower or connector has trainable weights."""
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for module in (self.vision_model, self.connector) for p in module.parameters()
+        )
+
+    def _blank_image_features(self) -> torch.Tensor:
+        """Features of one all-zero image of a single patch (text-only micro-batches in training)."""
+        p = self.configs.patch_size
+        weight = next(self.vision_model.parameters())
+        image = torch.zeros(1, 3, p, p, dtype=weight.dtype, device=weight.device)
+        patch_mask = torch.ones(1, 1, 1, dtype=torch.bool, device=weight.device)
+        hidden = self.vision_model(image, patch_mask)
+        return self.connector(hidden[patch_mask.flatten(1)], patch_mask.flatten(1).sum(dim=1))
+
     def embed(self, input_ids, position_ids, pixel_values=None, pixel_attention_mask=None, image_mask=None):
         """Token embeddings [s, b, h] (sequence-parallel split when enabled) with image features merged in."""
         tp = self.configs.language.tensor_model_parallel_size
@@ -111,6 +126,10 @@ class Idefics2Model(MegatronModule):
                 f"truncated by --seq-length, or is the image mask wrong?"
             )
         if int(images_per_sample.sum()) == 0:
+            if self._vision_trains():
+                # DDP waits for a gradient of every trainable parameter on every micro-batch: run the
+                # vision tower and connector on one blank patch and add its features times zero.
+                return embeddings + 0.0 * self._blank_image_features().sum().to(embeddings.dtype)
             return embeddings
         features = self.image_features(pixel_values, pixel_attention_mask, image_mask)
         merged = torch.zeros(*input_ids.shape, features.shape[-1], dtype=embeddings.dtype, device=embeddings.device)

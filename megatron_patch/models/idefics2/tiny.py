@@ -20,22 +20,24 @@ _TEXT = {
 }
 
 
-def tiny_idefics2_config(text: str = "mistral", tie_word_embeddings: bool = False, **overrides) -> Idefics2Config:
-    """A 2-4 layer Idefics2 config; `text` is 'mistral' or 'llama'."""
+def tiny_idefics2_config(text: str = "mistral", tie_word_embeddings: bool = False, vocab_size: int | None = None,
+                         **overrides) -> Idefics2Config:
+    """A 2-4 layer Idefics2 config; `text` is 'mistral' or 'llama'; `vocab_size` to fit a real tokenizer."""
     text_config = dict(_TEXT[text])
+    if vocab_size is not None:
+        text_config["vocab_size"] = vocab_size
     vocab = text_config["vocab_size"]
     perceiver = dict(
         hidden_size=text_config["hidden_size"], resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
         resampler_head_dim=8, num_key_value_heads=2 if text == "mistral" else 4,
     )
+    ids = dict(image_token_id=vocab - 2, fake_image_token_id=vocab - 3)
     return Idefics2Config(
         vision_config=_VISION,
         perceiver_config=perceiver,
         text_config=text_config,
-        image_token_id=vocab - 2,
-        fake_image_token_id=vocab - 3,
         tie_word_embeddings=tie_word_embeddings,
-        **overrides,
+        **{**ids, **overrides},
     )
 
 

@@ -1,0 +1,33 @@
+"""Pretrain or finetune Idefics2 on megatron-core (tensor, pipeline and data parallel).
+
+One GPU:
+    torchrun --nproc-per-node 1 examples/idefics2/pretrain_megatron_idefics2.py \
+        --load /ckpts/idefics2-8b --data-path /data/shards --micro-batch-size 1 --global-batch-size 8 \
+        --seq-length 2048 --train-iters 1000 --lr 1e-5 --bf16 --save /ckpts/run1 --save-interval 200
+Many GPUs / nodes (the launchers in this folder set the rendezvous):
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK --master-addr $MASTER_ADDR \
+        --master-port 6000 examples/idefics2/pretrain_megatron_idefics2.py \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --use-distributed-optimizer ...
+CPU (gloo), e.g. the tiny model of `run_tiny_cpu.sh`:
+    torchrun --nproc-per-node 4 examples/idefics2/pretrain_megatron_idefics2.py \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --load runs/tiny_cpu/checkpoints ...
+Evaluate only:
+    torchrun ... pretrain_megatron_idefics2.py --skip-train --load CKPT --valid-data-path SHARDS ...
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None):
+    from megatron_patch.training.arguments import parse_args
+
+    args = parse_args(argv)  # every flag checked before anything is built
+    from megatron_patch.training.build import build_training
+    from megatron_patch.training.loop import pretrain
+
+    return pretrain(build_training(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,119 @@
+"""megatron-core DDP, optimizer and LR schedule from the flags, and the guarded optimizer step.
+
+    model = wrap_ddp(model, args)                 # after freezing and after loading weights
+    optimizer = build_optimizer(model, args)      # fp32 main weights copied from the loaded model
+    scheduler = build_scheduler(optimizer, args)
+    outcome = optimizer_step(optimizer, loss_is_finite, device)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+def wrap_ddp(model, args) -> DistributedDataParallel:
+    """megatron-core DDP over the trainable parameters; the per-token loss path is switched on."""
+    config = model.config
+    config.calculate_per_token_loss = True  # grads are divided by the global loss-token count
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # NaN/Inf steps are skipped and counted (optimizer_step)
+    )
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync if args.overlap_grad_reduce else None
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(model, args):
+    """Adam or SGD through megatron-core (distributed optimizer when asked); build it after the
+    weights are loaded: the fp32 main weights are copied from the model here."""
+    config = OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [model])
+
+
+def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
+    """LR warmup + decay counted in iterations; constant weight decay."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters or args.train_iters or 1,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=False,
+    )
+
+
+def sub_optimizers(optimizer) -> list:
+    """The megatron-core optimizers inside a ChainedOptimizer (or the optimizer itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+@dataclass
+class StepOutcome:
+    updated: bool
+    grad_norm: float  # over trainable parameters, TP-replicated ones once; nan when not finite
+    loss_scale: float
+
+
+def _agree_all_ok(ok: bool, device) -> bool:
+    """True only when every rank says ok (the loss is known on the last stage only)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0
+
+
+@torch.no_grad()
+def optimizer_step(optimizer, loss_is_finite: bool, clip_grad: float, device) -> StepOutcome:
+    """Unscale, measure the grad norm, and step unless the loss or any gradient is NaN/Inf.
+
+    megatron-core's fp32 optimizer never checks for NaN, so the check is made here for every
+    precision; every rank takes the same decision, and the same grad norm (megatron-core reduces it
+    over the model-parallel group, or the whole world with the distributed optimizer), so pipeline
+    stages with nothing to train still step in lockstep.
+    """
+    found_inf = bool(optimizer.prepare_grads())
+    grad_norm = float(optimizer.get_grad_norm())
+    ok = _agree_all_ok(loss_is_finite and not found_inf and math.isfinite(grad_norm), device)
+    scale = float(optimizer.get_loss_scale())
+    if not ok:
+        return StepOutcome(False, grad_norm if math.isfinite(grad_norm) else float("nan"), scale)
+    if clip_grad > 0:
+        for opt in sub_optimizers(optimizer):
+            params = opt.get_parameters()
+            if params and not getattr(opt, "is_stub_optimizer", False):
+                # Looked up at call time: the CPU platform layer wraps it after this module is imported.
+                clip_grads.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
+    optimizer.step_with_ready_grads()
+    return StepOutcome(True, grad_norm, scale)

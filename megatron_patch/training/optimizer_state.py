@@ -1,0 +1,183 @@
+"""Optimizer state in model space: per parameter, through the one weight mapping, any layout.
+
+Each trainable parameter's fp32 main weight and moments (Adam: `exp_avg`, `exp_avg_sq`; SGD:
+`momentum_buffer`) are saved as whole tensors of this rank's TP x PP shard, under the parameter's
+canonical name with the state as prefix (`exp_avg/language_model.decoder.layers.0...`), in the rank
+folder next to the weights (`optimizer-0000K.safetensors` + `optimizer.safetensors.index.json`).
+Loading merges the saved TP shards into HF tensors and cuts this rank's shard with the same
+mapping as the weights, so a run saved at one (TP, PP, DP) resumes at another with its moments.
+
+With the distributed optimizer each DP rank holds a contiguous range of every flattened parameter;
+saving reduces each parameter's state onto DP rank 0 of its TP x PP group (one parameter at a
+time), so no rank ever holds more than its own TP x PP shard of the state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_patch.checkpoint import CheckpointError
+from megatron_patch.checkpoint.model_files import write_rank_tensors
+from megatron_patch.checkpoint.reshard import ShardedCheckpoint, unwrap
+from megatron_patch.models.idefics2.layer_specs import module_to_canonical_name
+from megatron_patch.models.idefics2.model_loading import stage_mappings
+from megatron_patch.models.idefics2.weight_mapping import hf_to_mcore
+from megatron_patch.training.optimizer import sub_optimizers
+
+OPTIMIZER_INDEX = "optimizer.safetensors.index.json"
+OPTIMIZER_STEM = "optimizer"
+
+
+def state_keys(optimizer_name: str, sgd_momentum: float) -> tuple[str, ...]:
+    """The per-parameter tensors saved for an optimizer ("param" is the fp32 main weight)."""
+    if optimizer_name == "adam":
+        return ("param", "exp_avg", "exp_avg_sq")
+    return ("param", "momentum_buffer") if sgd_momentum else ("param",)
+
+
+def _main_param_map(opt) -> dict:
+    """model parameter -> the optimizer's main (fp32) parameter, for non-distributed optimizers."""
+    if hasattr(opt, "float16_groups"):  # bf16: fp32 copies of the bf16 weights, fp32 ones as they are
+        pairs = {}
+        for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+            pairs.update(zip(model_group, main_group))
+        for group in opt.fp32_from_fp32_groups:
+            pairs.update((p, p) for p in group)
+        return pairs
+    return {p: p for group in opt.optimizer.param_groups for p in group["params"]}
+
+
+def param_state_views(optimizer, keys) -> dict:
+    """model parameter -> (start, end, {key: flat tensor}) of the part this rank's optimizer holds
+    (the whole parameter unless the optimizer is distributed). Views: writing them sets the state."""
+    views = {}
+    for opt in sub_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or opt.optimizer is None:
+            continue
+        if hasattr(opt, "model_param_group_index_map"):  # DistributedOptimizer
+            for param in opt.model_param_group_index_map:
+                rng = opt._get_model_param_range_map(param)["param"]
+                tensors = opt._get_main_param_and_optimizer_states(param)
+                views[param] = (rng.start, rng.end, {k: tensors[k].view(-1) for k in keys})
+        else:
+            for param, main in _main_param_map(opt).items():
+                state = opt.optimizer.state[main]
+                tensors = {"param": main, **state}
+                views[param] = (0, param.numel(), {k: tensors[k].view(-1) for k in keys})
+    return views
+
+
+@torch.no_grad()
+def materialize_state(optimizer) -> None:
+    """Create the optimizer's state tensors (torch creates them lazily at the first step) with a
+    step of learning rate 0 on zero gradients; the values are then overwritten by a load."""
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if getattr(opt, "is_stub_optimizer", False) or inner is None:
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+            for p in group["params"]:
+                p.grad = None
+
+
+def optimizer_step_count(optimizer) -> int:
+    """Adam's step counter (the same for every parameter: all trainable parameters step together)."""
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state:
+                return int(state["step"])
+    return 0
+
+
+@torch.no_grad()
+def set_optimizer_step_count(optimizer, step: int) -> None:
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+
+
+def _trainable(model, opts) -> list:
+    """(canonical local name, parameter) of this rank's trainable parameters, in a stable order."""
+    named = [(module_to_canonical_name(n, opts.uses_transformer_engine()), p)
+             for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    return sorted(named, key=lambda item: item[0])
+
+
+def _dp_group_and_root():
+    group = parallel_state.get_data_parallel_group()
+    return group, dist.get_global_rank(group, 0) if dist.is_initialized() else 0
+
+
+def gathered_state(model, optimizer, opts, keys, device):
+    """Yields (saved name, full state tensor of this rank's shard) on DP rank 0; collective over DP."""
+    views = param_state_views(optimizer, keys)
+    group, root = _dp_group_and_root()
+    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
+    is_root = not dist.is_initialized() or dist.get_rank() == root
+    for name, param in _trainable(model, opts):
+        start, end, tensors = views.get(param, (0, 0, {}))
+        for key in keys:
+            if start == 0 and end == param.numel() and not (distributed and _sharded(optimizer)):
+                full = tensors[key].detach().float()
+            else:  # distributed optimizer: each DP rank fills its range, DP rank 0 receives the sum
+                full = torch.zeros(param.numel(), dtype=torch.float32, device=device)
+                if end > start:
+                    full[start:end] = tensors[key].float()
+                dist.reduce(full, dst=root, group=group)
+            if is_root:
+                yield f"{key}/{name}", full.view(param.shape).cpu()
+
+
+def _sharded(optimizer) -> bool:
+    return any(hasattr(opt, "model_param_group_index_map") for opt in sub_optimizers(optimizer))
+
+
+def save_optimizer_state(rank_dir, model, optimizer, opts, keys, device) -> None:
+    """Collective over the DP group; DP rank 0 writes the rank folder's optimizer files."""
+    items = gathered_state(model, optimizer, opts, keys, device)
+    if parallel_state.get_data_parallel_rank() == 0:
+        write_rank_tensors(rank_dir, items, stem=OPTIMIZER_STEM, index_file=OPTIMIZER_INDEX)
+    else:
+        for _ in items:  # take part in the reductions
+            pass
+
+
+@torch.no_grad()
+def load_optimizer_state(iteration_dir, model, optimizer, opts, keys) -> None:
+    """Fill this rank's optimizer state from a checkpoint saved at any layout."""
+    materialize_state(optimizer)
+    views = param_state_views(optimizer, keys)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    mappings = None
+    for key in keys:
+        source = ShardedCheckpoint(iteration_dir, index_file=OPTIMIZER_INDEX, prefix=f"{key}/")
+        if mappings is None:
+            mappings = stage_mappings(source.hf_config, opts, stage)
+        for name, param in _trainable(model, opts):
+            if param not in views:
+                continue  # distributed optimizer: no part of this parameter lives on this DP rank
+            start, end, tensors = views[param]
+            m = mappings[name]
+            try:
+                shard = hf_to_mcore(m, [source.hf_tensor(h) for h in m.hf], tp_rank, tp_size)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}; was {name} frozen when the checkpoint was saved? "
+                                      f"resume with --no-load-optim to start its optimizer state afresh") from None
+            tensors[key].copy_(shard.reshape(-1)[start:end].to(tensors[key].dtype))

@@ -1,0 +1,254 @@
+"""toolkits/eval: scoring against rouge_score, generation end to end on a tiny HF Idefics2,
+the synthetic shapes set, and eval_all_checkpoints.sh."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from rouge_score import rouge_scorer
+
+REPO = Path(__file__).resolve().parents[2]
+EVAL_SH = REPO / "toolkits" / "eval" / "eval_all_checkpoints.sh"
+
+
+def load_script(relative: str):
+    """A script of the repo as a module (the toolkits are not packages)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gas = load_script("toolkits/eval/generate_and_score.py")
+shapes = load_script("examples/idefics2/make_shapes_dataset.py")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def error_line(capsys, prog: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), lines
+    return lines[0]
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+def test_score_matches_rouge_score():
+    refs = ["a red circle on a blue background", "a green square on a white background",
+            "a blue triangle on a red background", "a white circle on a purple background"]
+    preds = ["A Red  circle on a blue background ", "a green square on white", "",
+             "a white circle on a purple background."]
+    result = gas.score(preds, refs)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    expected_rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / len(refs)
+    assert result["rouge_l"] == pytest.approx(expected_rouge, abs=1e-12)
+    assert 0 < result["rouge_l"] < 1
+    # Case and white space are normalised, punctuation is not: only the first one matches.
+    assert result["exact_match"] == pytest.approx(1 / 4)
+    assert result["num_samples"] == 4
+    try:
+        import sacrebleu
+    except ImportError:
+        assert result["bleu"] is None and "sacrebleu" in result["bleu_note"]
+    else:
+        assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)
+    assert gas.score([], [])["exact_match"] is None
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        gas.score(["a", "b"], ["a"])
+
+
+# ---- the shapes set --------------------------------------------------------------------------
+def test_shapes_dataset_is_deterministic_truthful_and_held_out(tmp_path):
+    for name in ("a", "b"):
+        assert shapes.main(["--output-dir", str(tmp_path / name), "--train", "24", "--valid", "8",
+                            "--seed", "3"]) == 0
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) == 24 + 8 + 2
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
+
+    root = tmp_path / "a"
+    splits = {s: json.loads((root / f"{s}.json").read_text()) for s in ("train", "valid")}
+    assert [len(splits["train"]), len(splits["valid"])] == [24, 8]
+    ids = {s: {r["id"] for r in recs} for s, recs in splits.items()}
+    assert len(ids["train"]) == 24 and not ids["train"] & ids["valid"]
+    assert not {r["image"] for r in splits["train"]} & {r["image"] for r in splits["valid"]}
+    seen_shapes = set()
+    for record in splits["train"] + splits["valid"]:
+        human, gpt = record["conversations"]
+        assert human == {"from": "human", "value": shapes.PROMPT}
+        words = gpt["value"].split()  # "a COLOUR SHAPE on a BACKGROUND background"
+        colour, shape, background = words[1], words[2], words[5]
+        assert gpt["value"] == shapes.CAPTION.format(colour=colour, shape=shape, background=background)
+        assert colour != background and shape in shapes.SHAPES
+        seen_shapes.add(shape)
+        image = Image.open(root / "images" / record["image"])
+        assert image.size == (56, 56) and image.mode == "RGB"
+        assert image.getpixel((28, 28)) == shapes.COLOURS[colour], record["id"]
+        for corner in ((0, 0), (55, 0), (0, 55), (55, 55)):
+            assert image.getpixel(corner) == shapes.COLOURS[background], (record["id"], corner)
+        # The shape's share of its bounding box tells the three apart: 1, pi/4 and 1/2.
+        mask = (np.asarray(image) == shapes.COLOURS[colour]).all(axis=-1)
+        rows, cols = np.nonzero(mask)
+        fill = mask.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
+        expected_fill = {"square": (0.95, 1.0), "circle": (0.7, 0.86), "triangle": (0.4, 0.6)}[shape]
+        assert expected_fill[0] <= fill <= expected_fill[1], (record["id"], shape, fill)
+    assert seen_shapes == set(shapes.SHAPES)
+
+
+# ---- generation end to end -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    load_script("toolkits/model_checkpoints_convertor/idefics2/make_tiny_checkpoint.py").main(
+        ["--save-path", str(path), "--tokenizer", "mistral"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    """shapes valid records, a two-round one, and one broken record of each kind (JSONL)."""
+    root = tmp_path_factory.mktemp("shapes")
+    shapes.main(["--output-dir", str(root), "--train", "1", "--valid", "5"])
+    good = json.loads((root / "valid.json").read_text())
+    two_rounds = {"id": "two-rounds", "image": good[0]["image"], "conversations": [
+        *good[0]["conversations"], {"from": "human", "value": "Say it again, please."},
+        {"from": "gpt", "value": "it is " + good[0]["conversations"][1]["value"]}]}
+    (root / "images" / "valid" / "garbage.png").write_bytes(b"not a png")
+    question = {"from": "human", "value": shapes.PROMPT}
+    lines = [json.dumps(r) for r in good[:2]] + [json.dumps(two_rounds)] + [json.dumps(r) for r in good[2:]]
+    lines += [
+        json.dumps({"id": "missing", "image": "valid/nope.png", "conversations": [question, good[0]["conversations"][1]]}),
+        json.dumps({"id": "no-answer", "image": good[1]["image"], "conversations": [question]}),
+        json.dumps({"id": "garbage", "image": "valid/garbage.png", "conversations": good[0]["conversations"]}),
+        "{this is not json",
+    ]
+    (root / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    good_ids = [r["id"] for r in good[:2]] + ["two-rounds"] + [r["id"] for r in good[2:]]
+    return root, good_ids
+
+
+def run_gas(tiny_hf, data, out: Path, *extra, capsys=None):
+    rc = gas.main(["--hf-path", str(tiny_hf), "--data", str(data), "--output", str(out), "--no-progress",
+                   "--max-new-tokens", "12", *extra])
+    assert rc == 0
+    if capsys is not None:
+        assert "generate_and_score: " in capsys.readouterr().out
+    return read_jsonl(out), json.loads(out.with_suffix(".summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def batch4(tiny_hf, eval_data, tmp_path_factory):
+    """Predictions and summary of the JSONL set at batch size 4 (shared by two tests)."""
+    root, _ = eval_data
+    out = tmp_path_factory.mktemp("batch4") / "preds.jsonl"
+    return run_gas(tiny_hf, root / "eval.jsonl", out, "--image-folder", str(root / "images"), "--batch-size", "4")
+
+
+def test_generate_json_and_shards(tiny_hf, eval_data, batch4, tmp_path, capsys):
+    root, good_ids = eval_data
+    preds4, summary = batch4
+    assert [p["id"] for p in preds4] == good_ids
+    assert summary["num_samples"] == len(good_ids) and summary["skipped_total"] == 4
+    assert summary["skipped"] == {"empty_conversation": 1, "malformed_record": 1, "missing_image": 1,
+                                  "undecodable_image": 1}
+    rescored = gas.score([p["prediction"] for p in preds4], [p["reference"] for p in preds4])
+    assert {k: summary[k] for k in rescored} == rescored
+    two = preds4[good_ids.index("two-rounds")]  # prompt ends before the LAST answer, which is the reference
+    assert two["reference"].startswith("it is a ") and "Say it again" in two["prompt"]
+    assert two["prompt"].endswith("Assistant:") and two["prompt"].count("Assistant:") == 2
+    assert all(p["prediction"] for p in preds4)  # random weights still produce some text
+
+    # Greedy + left padding: the batch (the two-round prompt is longer, so others are padded)
+    # must not change any answer.
+    preds1, _ = run_gas(tiny_hf, root / "eval.jsonl", tmp_path / "b1.jsonl", "--image-folder", str(root / "images"),
+                        "--batch-size", "1", capsys=capsys)
+    assert [p["prediction"] for p in preds1] == [p["prediction"] for p in preds4]
+
+    build_webdataset = load_script("toolkits/pretrain_data_preprocessing/build_webdataset.py")
+    shard_dir = tmp_path / "shards"
+    build_webdataset.main(["--input", str(root / "eval.jsonl"), "--image-folder", str(root / "images"),
+                           "--output-dir", str(shard_dir), "--samples-per-shard", "3", "--workers", "1",
+                           "--no-progress"])
+    preds_s, summary_s = run_gas(tiny_hf, shard_dir, tmp_path / "s.jsonl", "--batch-size", "3", "--limit", "5")
+    assert summary_s["num_samples"] == 5 and summary_s["skipped"] == {}
+    assert preds_s == preds4[:5]  # same images (stored bytes), prompts and answers as from the JSONL
+
+
+def test_generate_and_score_bad_flags(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    cases = [
+        (["--data", str(data)], "--hf-path"),
+        (["--hf-path", str(tmp_path / "nope"), "--data", str(data)], "no config.json"),
+        (["--hf-path", str(hf), "--data", str(tmp_path / "missing.json")], "does not exist"),
+        (["--hf-path", str(hf), "--data", str(data)], "pass --image-folder"),
+        (["--hf-path", str(hf), "--data", str(data), "--image-folder", str(tmp_path / "x")], "not a directory"),
+        (["--hf-path", str(hf), "--data", str(tmp_path), "--image-folder", str(tmp_path)], "carry their images"),
+        (["--hf-path", str(hf), "--data", str(data), "--batch-size", "0"], "--batch-size must be >= 1"),
+    ]
+    for argv, message in cases:
+        assert gas.main(argv) == 1, argv
+        assert message in error_line(capsys, "generate_and_score"), argv
+
+
+# ---- eval_all_checkpoints.sh -----------------------------------------------------------------
+def run_sh(*args, env=None):
+    return subprocess.run(["bash", str(EVAL_SH), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_eval_all_checkpoints_input_checks(tmp_path, eval_data):
+    root, _ = eval_data
+    data, images = root / "eval.jsonl", root / "images"
+    (tmp_path / "mg").mkdir()
+    cases = [
+        ((tmp_path / "nope", data, images), "MG_DIR"),
+        ((tmp_path / "mg",), "expected MG_DIR DATA"),
+        ((tmp_path / "mg", tmp_path / "nope.json", images), "DATA"),
+        ((tmp_path / "mg", data), "pass IMAGE_FOLDER"),
+        ((tmp_path / "mg", data, images), "no iter_XXXXXXX folders"),
+    ]
+    for args, message in cases:
+        result = run_sh(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("eval_all_checkpoints: error: ") and message in lines[0], lines
+
+
+def test_eval_all_checkpoints_runs(tmp_path, tiny_hf, eval_data, batch4):
+    root, good_ids = eval_data
+    mg = tmp_path / "mg"
+    hf2mcore = load_script("toolkits/model_checkpoints_convertor/idefics2/hf2mcore.py")
+    assert hf2mcore.main(["--load-path", str(tiny_hf), "--save-path", str(mg)]) == 0
+    # hf2mcore writes release/ only; a training save is an iter_ folder with its number in the info file.
+    shutil.copytree(mg / "release", mg / "iter_0000007")
+    info_path = mg / "iter_0000007" / "checkpoint_info.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "iteration": 7}))
+    out = tmp_path / "eval"
+    result = run_sh(mg, root / "eval.jsonl", root / "images",
+                    env={"EVAL_DIR": str(out), "EVAL_ARGS": "--limit 4 --max-new-tokens 12"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("\t") for line in (out / "scores.tsv").read_text().splitlines()]
+    assert rows[0] == ["iteration", "exact_match", "rouge_l", "bleu"] and [r[0] for r in rows[1:]] == ["7"]
+    summary = json.loads((out / "iter_0000007.summary.json").read_text())
+    assert rows[1][1:3] == [f"{summary['exact_match']:.4f}", f"{summary['rouge_l']:.4f}"]
+    assert "iteration" in result.stdout and "scores.tsv" in result.stdout
+    # The exported checkpoint answers exactly as the HF checkpoint it was converted from
+    # (the first 4 records are all good ones).
+    assert read_jsonl(out / "iter_0000007.preds.jsonl") == batch4[0][:4]
