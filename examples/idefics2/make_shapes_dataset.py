@@ -7,15 +7,18 @@ Each image is one filled shape (circle, square or triangle) in one of six colour
 background of a different colour, drawn big and near the centre; its caption names exactly that::
 
     DIR/images/train/000000.png, DIR/images/valid/000000.png, ...
-    DIR/train.json, DIR/valid.json    [{"id": "shapes-train-000000", "image": "train/000000.png",
-                                        "conversations": [{"from": "human", "value": "<image>\\nDescribe the image."},
-                                                          {"from": "gpt", "value": "a red circle on a blue background"}]}]
+    DIR/train.json, DIR/valid.json
+        [{"id": "shapes-train-000000", "image": "train/000000.png",
+          "conversations": [{"from": "human", "value": "<image>\\nDescribe the image."},
+                            {"from": "gpt", "value": "a red circle on a blue background"}]}, ...]
 
 Image paths are relative to DIR/images (pass it as --image-folder). Train and valid records have
 disjoint ids and images; they may share (shape, colour, background) combinations, which is what a
-caption task should generalise over. Output is a pure function of the flags: the shape centre is
-always inside the shape and the image corners are always background, and shapes are drawn without
-anti-aliasing, so every pixel has exactly one of the named colours.
+caption task should generalise over. Output is a pure function of the flags (reruns are
+byte-identical; files already there are overwritten). The shape's centre pixel is always the shape
+colour and the image corners always the background; shapes are drawn without anti-aliasing, so
+every pixel is exactly one of the two named colours. Score a model on it with
+`toolkits/eval/generate_and_score.py --data DIR/valid.json --image-folder DIR/images ...`.
 """
 from __future__ import annotations
 

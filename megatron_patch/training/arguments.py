@@ -4,9 +4,11 @@
     opts = parallel_options(args)        # -> models.idefics2.config.ParallelOptions
     frozen = frozen_components(args)     # subset of {"llm", "vision", "connector"}
 
-`validate_args` runs before any model is built: it reads only small files (a checkpoint's tracker,
-`checkpoint_info.json`, `hf_config/config.json`, or the `--model-config` JSON) and raises
-`ArgumentError` with one line naming the flag. It then sets the derived fields:
+The model comes from exactly one of `--load` (the checkpoint's `hf_config/`) or `--model-config`
+(random weights). `validate_args` runs before any model is built: flag-only checks first, then it
+reads a checkpoint's tracker, `checkpoint_info.json` and `hf_config/config.json` (or the
+`--model-config` JSON) and the tokenizer's `tokenizer.json` (its ids must fit the model). It raises
+`ArgumentError` with one line naming the flag, and then sets the derived fields:
 
     data_parallel_size   world_size // (TP x PP)
     global_batch_size    micro-batch x DP when not given; num_micro_batches = global / (micro x DP)

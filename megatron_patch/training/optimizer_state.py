@@ -137,7 +137,7 @@ def gathered_state(model, optimizer, opts, keys, device):
             else:  # distributed optimizer: each DP rank fills its range, DP rank 0 receives the sum
                 full = torch.zeros(param.numel(), dtype=torch.float32, device=device)
                 if end > start:
-                    full[start:end] = tensors[key].float()
+                    full[start:end] = tensors[key].detach().float()
                 dist.reduce(full, dst=root, group=group)
             if is_root:
                 yield f"{key}/{name}", full.view(param.shape).cpu()

@@ -130,10 +130,14 @@ def eval_data(tmp_path_factory):
     question = {"from": "human", "value": shapes.PROMPT}
     lines = [json.dumps(r) for r in good[:2]] + [json.dumps(two_rounds)] + [json.dumps(r) for r in good[2:]]
     lines += [
-        json.dumps({"id": "missing", "image": "valid/nope.png", "conversations": [question, good[0]["conversations"][1]]}),
+        json.dumps({"id": "missing", "image": "valid/nope.png",
+                    "conversations": [question, good[0]["conversations"][1]]}),
         json.dumps({"id": "no-answer", "image": good[1]["image"], "conversations": [question]}),
         json.dumps({"id": "garbage", "image": "valid/garbage.png", "conversations": good[0]["conversations"]}),
         "{this is not json",
+        json.dumps({"id": "blank-last-answer", "image": good[1]["image"],
+                    "conversations": [*good[1]["conversations"], {"from": "human", "value": "More?"},
+                                      {"from": "gpt", "value": " "}]}),
     ]
     (root / "eval.jsonl").write_text("\n".join(lines) + "\n")
     good_ids = [r["id"] for r in good[:2]] + ["two-rounds"] + [r["id"] for r in good[2:]]
@@ -161,9 +165,9 @@ def test_generate_json_and_shards(tiny_hf, eval_data, batch4, tmp_path, capsys):
     root, good_ids = eval_data
     preds4, summary = batch4
     assert [p["id"] for p in preds4] == good_ids
-    assert summary["num_samples"] == len(good_ids) and summary["skipped_total"] == 4
-    assert summary["skipped"] == {"empty_conversation": 1, "malformed_record": 1, "missing_image": 1,
-                                  "undecodable_image": 1}
+    assert summary["num_samples"] == len(good_ids) and summary["skipped_total"] == 5
+    assert summary["skipped"] == {"empty_conversation": 1, "empty_reference": 1, "malformed_record": 1,
+                                  "missing_image": 1, "undecodable_image": 1}
     rescored = gas.score([p["prediction"] for p in preds4], [p["reference"] for p in preds4])
     assert {k: summary[k] for k in rescored} == rescored
     two = preds4[good_ids.index("two-rounds")]  # prompt ends before the LAST answer, which is the reference
@@ -229,6 +233,51 @@ def test_eval_all_checkpoints_input_checks(tmp_path, eval_data):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1, (args, result.stderr)
         assert lines[0].startswith("eval_all_checkpoints: error: ") and message in lines[0], lines
+
+
+FAKE_PYTHON = """#!{python}
+# Stands in for the converter and the scorer; runs the table step (python -) for real.
+import json, os, sys
+script, args = sys.argv[1], sys.argv[2:]
+flag = lambda name: args[args.index(name) + 1]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps([os.path.basename(script), *args]) + "\\n")
+if script.endswith("mcore2hf.py"):
+    os.makedirs(flag("--save-path"))
+elif script.endswith("generate_and_score.py"):
+    it = int(os.path.basename(flag("--hf-path"))[len("iter_"):])
+    with open(flag("--summary"), "w") as f:
+        json.dump({{"exact_match": it / 100, "rouge_l": it / 1000, "bleu": it if it > 5 else None}}, f)
+else:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_eval_all_checkpoints_order_and_table(tmp_path, eval_data):
+    """Numeric iteration order, only iter_ folders, default EVAL_DIR, EVAL_ARGS, the table's columns."""
+    root, _ = eval_data
+    mg = tmp_path / "mg"
+    for name in ("iter_10000000", "iter_0000005", "iter_9000000", "iter_0000008",  # 10#: not octal
+                 "release", "iter_abc", ".iter_0000011.partial"):  # none of these is evaluated
+        (mg / name).mkdir(parents=True)
+    (mg / "iter_0000003").write_text("a file, not a save")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    log = tmp_path / "log.jsonl"
+    result = run_sh(mg, root / "eval.jsonl", root / "images",
+                    env={"PYTHON": str(fake), "FAKE_LOG": str(log), "EVAL_ARGS": "--limit 3 --batch-size 2"})
+    assert result.returncode == 0, result.stderr
+    calls = read_jsonl(log)
+    assert [c[c.index("--iteration") + 1] for c in calls if c[0] == "mcore2hf.py"] == ["5", "8", "9000000", "10000000"]
+    scorer_calls = [c for c in calls if c[0] == "generate_and_score.py"]
+    assert scorer_calls[0][-4:] == ["--limit", "3", "--batch-size", "2"]
+    assert scorer_calls[0][scorer_calls[0].index("--image-folder") + 1] == str(root / "images")
+    rows = [line.split("\t") for line in (mg / "eval" / "scores.tsv").read_text().splitlines()]
+    assert rows == [["iteration", "exact_match", "rouge_l", "bleu"], ["5", "0.0500", "0.0050", "NA"],
+                    ["8", "0.0800", "0.0080", "8.0000"],
+                    ["9000000", "90000.0000", "9000.0000", "9000000.0000"],
+                    ["10000000", "100000.0000", "10000.0000", "10000000.0000"]]
 
 
 def test_eval_all_checkpoints_runs(tmp_path, tiny_hf, eval_data, batch4):

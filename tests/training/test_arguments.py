@@ -164,6 +164,8 @@ def test_parallel_options_and_frozen_components(paths):
 # (id, overrides, world size, text the one-line message must contain)
 BAD = [
     ("world_not_divisible", {"--tensor-model-parallel-size": "2"}, 3, "world size 3 is not divisible by --tensor-model-parallel-size"),
+    # Flag-only checks come before any file is read: no model source needed to see this one.
+    ("world_first", {"--tensor-model-parallel-size": "2", "--model-config": None}, 3, "world size 3 is not divisible"),
     ("global_batch", {"--global-batch-size": "6"}, 2, "--global-batch-size 6 is not divisible by --micro-batch-size x data-parallel size = 2 x 2 = 4"),
     ("tp_zero", {"--tensor-model-parallel-size": "0"}, 1, "--tensor-model-parallel-size must be >= 1"),
     ("pp_zero", {"--pipeline-model-parallel-size": "0"}, 1, "--pipeline-model-parallel-size must be >= 1"),

@@ -31,7 +31,8 @@ fi
 # Numeric sort on the number: iteration folders may have more than 7 digits.
 mapfile -t ITERS < <(find "$MG_DIR" -mindepth 1 -maxdepth 1 -type d -name 'iter_*' -printf '%f\n' \
   | grep -E '^iter_[0-9]{7,}$' | sort -t_ -k2,2n || true)
-[[ ${#ITERS[@]} -gt 0 ]] || die "MG_DIR $MG_DIR has no iter_XXXXXXX folders to evaluate (release/ is skipped: it is no training save)"
+[[ ${#ITERS[@]} -gt 0 ]] \
+  || die "MG_DIR $MG_DIR has no iter_XXXXXXX folders to evaluate (release/ is skipped: it is no training save)"
 OUT="${EVAL_DIR:-$MG_DIR/eval}"
 read -r -a extra <<< "${EVAL_ARGS:-}"
 mkdir -p "$OUT"
@@ -52,7 +53,7 @@ rows = [["iteration", "exact_match", "rouge_l", "bleu"]]
 for name in names:
     with open(f"{out}/{name}.summary.json") as f:
         s = json.load(f)
-    rows.append([str(int(name[len("iter_"):])), fmt(s["rouge_l"]), fmt(s["exact_match"]), fmt(s["bleu"])])
+    rows.append([str(int(name[len("iter_"):])), fmt(s["exact_match"]), fmt(s["rouge_l"]), fmt(s["bleu"])])
 with open(f"{out}/scores.tsv", "w") as f:
     f.writelines("\t".join(r) + "\n" for r in rows)
 widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

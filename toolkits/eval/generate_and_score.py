@@ -14,7 +14,8 @@ Generation stops at the tokenizer's EOS or `<end_of_utterance>`, or after --max-
 
 Bad records are skipped and counted by reason, never fatal: the formats.py problem kinds
 (malformed_record, empty_conversation -- also a record with no assistant turn -- wrong_role, ...),
-missing_image, undecodable_image, and the shard read errors of shards.py. --limit N takes the
+missing_image, undecodable_image, empty_reference (the last assistant turn is blank) and the shard
+read errors of shards.py (bad_json, corrupt_tar_member, ...). --limit N takes the
 first N records of --data, skipped ones included.
 
 Writes --output (default `preds.jsonl` in the current folder): one JSON line per scored sample,
@@ -45,8 +46,7 @@ from megatron_patch.data.errors import ShardIndexError, SkipSample  # noqa: E402
 
 PROG = "generate_and_score"
 NORMALISATION = "casefold, white space collapsed to single spaces, stripped"
-NO_ASSISTANT = "no_assistant_turn"  # a shard record without one (formats.py rejects such JSON records)
-EMPTY_REFERENCE = "empty_reference"
+EMPTY_REFERENCE = "empty_reference"  # the last assistant turn is blank (formats.py accepts that)
 END_OF_UTTERANCE = "<end_of_utterance>"
 
 
@@ -85,6 +85,8 @@ def score(predictions: list[str], references: list[str]) -> dict:
 # ---- reading samples ---------------------------------------------------------------------------
 @dataclass
 class Sample:
+    """One record ready for generation."""
+
     id: str
     messages: list   # canonical turns before the last assistant turn
     reference: str
@@ -156,6 +158,9 @@ def shard_loaders(shard_dir: str) -> list[Callable]:
             raw = dataset.read(index)  # BadSample is a SkipSample
             record = raw.record
             rid = str(record.get("id", raw.key))
+            problems = formats.validate_record(record)  # shards hold canonical records; check anyway
+            if problems:
+                raise SkipSample(problems[0], f"record {rid} in {raw.shard}")
             record = {**record, "id": rid}
             return record, [decode_image(b, f"record {rid} image {i}") for i, b in enumerate(raw.images)]
         return load
@@ -165,11 +170,10 @@ def shard_loaders(shard_dir: str) -> list[Callable]:
 def to_sample(record: dict, images: list) -> Sample:
     """Split at the last assistant turn; keep the images whose placeholders lie in the prompt."""
     messages = record["messages"]
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-    if last is None:
-        raise SkipSample(NO_ASSISTANT, f"record {record['id']}")
-    reference = messages[last].get("content", "")
-    if not isinstance(reference, str) or not reference.strip():
+    # Validated records have an assistant turn with text, but the last one may be blank.
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    reference = messages[last]["content"]
+    if not reference.strip():
         raise SkipSample(EMPTY_REFERENCE, f"record {record['id']}")
     prompt = messages[:last]
     return Sample(record["id"], prompt, reference, images[: formats.count_placeholders(prompt)])
@@ -315,11 +319,14 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _metric(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def summary_line(s: dict) -> str:
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-    return (f"{PROG}: {s['num_samples']} samples (skipped: {skipped}); exact_match {fmt(s['exact_match'])} "
-            f"rouge_l {fmt(s['rouge_l'])} bleu {fmt(s['bleu'])}; wrote {s['output']}")
+    return (f"{PROG}: {s['num_samples']} samples (skipped: {skipped}); exact_match {_metric(s['exact_match'])} "
+            f"rouge_l {_metric(s['rouge_l'])} bleu {_metric(s['bleu'])}; wrote {s['output']}")
 
 
 def main(argv=None) -> int:

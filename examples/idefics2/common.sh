@@ -1,0 +1,81 @@
+# Shared by the Idefics2 launchers (pretrain_*.sh, finetune_*.sh): source it after setting defaults.
+# Every variable below may come from the environment; the launcher's own defaults come first.
+#   rendezvous   NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6000), GPUS_PER_NODE (8)
+#   layout       TP, PP, SP (1: --sequence-parallel when TP > 1)
+#   batch        MBS, GBS, SEQ_LEN
+#   schedule     TRAIN_ITERS, LR, MIN_LR, WARMUP_ITERS, LR_DECAY_STYLE (cosine)
+#   checkpoints  LOAD (must exist), SAVE, SAVE_INTERVAL (500), FINETUNE (1: --finetune), AUTO_RESUME (1)
+#   data         DATA_PATH ("dir" or a blend "0.7 dirA 0.3 dirB"), VALID_DATA_PATH (empty: no
+#                validation), EVAL_INTERVAL (500), EVAL_ITERS (empty: the whole set), NUM_WORKERS (4)
+#   training     FREEZE (freeze flags), ANSWER_LOSS_ONLY (1: --answer-loss-only),
+#                DIST_FLAGS (--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32)
+#   logging      LOG_INTERVAL (10), TENSORBOARD_DIR (SAVE/tensorboard); metrics go to SAVE/metrics.jsonl
+#   DRY_RUN=1    print the command and exit 0 without running it
+# Arguments given to the launcher are appended to the entry point's flags (the last one wins).
+# With AUTO_RESUME=1, a SAVE that already holds a checkpoint is resumed (LOAD=SAVE, no --finetune),
+# so a requeued job continues where it stopped.
+set -euo pipefail
+
+NAME=$(basename "$0")
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
+
+: "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}" "${MASTER_PORT:=6000}" "${GPUS_PER_NODE:=8}"
+: "${SP:=1}" "${LR_DECAY_STYLE:=cosine}" "${SAVE_INTERVAL:=500}" "${EVAL_INTERVAL:=500}" "${EVAL_ITERS:=}"
+: "${NUM_WORKERS:=4}" "${LOG_INTERVAL:=10}" "${TENSORBOARD_DIR:=$SAVE/tensorboard}" "${VALID_DATA_PATH:=}"
+: "${FINETUNE:=0}" "${ANSWER_LOSS_ONLY:=0}" "${FREEZE=}" "${AUTO_RESUME:=1}" "${DRY_RUN:=0}"
+: "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
+
+die() { echo "$NAME: error: $*" >&2; exit 1; }
+has_checkpoint() { [[ -f "$1/latest_checkpointed_iteration.txt" || -d "$1/release" ]]; }
+
+for var in NNODES GPUS_PER_NODE TP PP MBS GBS SEQ_LEN TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL LOG_INTERVAL; do
+  [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer"
+done
+[[ "$NODE_RANK" =~ ^[0-9]+$ && NODE_RANK -lt NNODES ]] || die "NODE_RANK=$NODE_RANK must be in [0, NNODES=$NNODES)"
+[[ -n "$SAVE" ]] || die "SAVE is empty: set it to the folder that receives checkpoints and metrics.jsonl"
+if [[ "$AUTO_RESUME" == 1 ]] && has_checkpoint "$SAVE"; then
+  echo "$NAME: SAVE=$SAVE already holds a checkpoint: resuming from it (AUTO_RESUME=0 to start from LOAD)"
+  LOAD=$SAVE FINETUNE=0
+fi
+[[ -d "$LOAD" ]] || die "LOAD=$LOAD does not exist: convert a checkpoint there with hf2mcore.py"
+has_checkpoint "$LOAD" || die "LOAD=$LOAD holds no checkpoint (no latest_checkpointed_iteration.txt or release/)"
+for var in DATA_PATH VALID_DATA_PATH; do
+  for word in ${!var}; do  # a blend alternates weights and shard folders
+    [[ "$word" =~ ^[0-9.]+$ || -d "$word" ]] || die "$var: shard folder $word does not exist (build_webdataset.py writes one)"
+  done
+done
+[[ -n "$DATA_PATH" ]] || die "DATA_PATH is empty: set it to a shard folder written by build_webdataset.py"
+
+WORLD=$((NNODES * GPUS_PER_NODE))
+((WORLD % (TP * PP) == 0)) || die "TP*PP=$((TP * PP)) does not divide NNODES*GPUS_PER_NODE=$WORLD GPUs; change TP, PP or the node count"
+DP=$((WORLD / (TP * PP)))
+((GBS % (MBS * DP) == 0)) || die "GBS=$GBS is not divisible by MBS*DP=$MBS*$DP=$((MBS * DP)); choose a multiple of $((MBS * DP))"
+
+# shellcheck disable=SC2206  # DATA_PATH, FREEZE and DIST_FLAGS are word lists on purpose
+ARGS=(
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length "$SEQ_LEN"
+  --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS"
+  --lr-decay-style "$LR_DECAY_STYLE"
+  --load "$LOAD" --save "$SAVE" --save-interval "$SAVE_INTERVAL"
+  --data-path $DATA_PATH --num-workers "$NUM_WORKERS"
+  --log-interval "$LOG_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
+  $DIST_FLAGS $FREEZE
+)
+((TP > 1)) && [[ "$SP" == 1 ]] && ARGS+=(--sequence-parallel)
+[[ "$FINETUNE" == 1 ]] && ARGS+=(--finetune)
+[[ "$ANSWER_LOSS_ONLY" == 1 ]] && ARGS+=(--answer-loss-only)
+if [[ -n "$VALID_DATA_PATH" ]]; then
+  # shellcheck disable=SC2206
+  ARGS+=(--valid-data-path $VALID_DATA_PATH --eval-interval "$EVAL_INTERVAL")
+  [[ -n "$EVAL_ITERS" ]] && ARGS+=(--eval-iters "$EVAL_ITERS")
+fi
+
+CMD=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
+     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$ENTRY" "${ARGS[@]}" "$@")
+echo "$NAME: node $NODE_RANK of $NNODES, $WORLD GPUs = TP $TP x PP $PP x DP $DP; command:"
+printf '%q ' "${CMD[@]}"
+echo
+[[ "$DRY_RUN" == 1 ]] && exit 0
+exec "${CMD[@]}"

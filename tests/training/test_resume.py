@@ -1,0 +1,107 @@
+"""Exact resume: a run killed by SIGKILL after its checkpoint and resumed with --load logs the
+uninterrupted run's losses and grad norms bit for bit; a run saved at one (TP, PP, DP) resumes at
+another with its optimizer state intact and the same next losses (fp32 tolerance)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.distributed_harness import run_distributed
+from tests.training.fixtures import REPO, train_flags, training_inputs
+from tests.training.runs import by_iteration, loaded_optimizer_state, saved_optimizer_state, train
+
+ENTRY = str(REPO / "examples" / "idefics2" / "pretrain_megatron_idefics2.py")
+KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _torchrun(flags, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+           str(29500 + random.randint(0, 2000)), ENTRY, *flags]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc, what):
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{what} failed:\n{out.decode()[-3000:]}"
+
+
+def _values(metrics):
+    return {i: (r["lm_loss"], r["grad_norm"]) for i, r in sorted(by_iteration(metrics).items())}
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
+    inputs = training_inputs()
+    layout = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
+              "--save-interval", "3"]
+    full = train_flags(inputs, tmp_path / "full", iters=6, extra=layout)
+    _finish(_torchrun(full), "uninterrupted run")
+
+    killed_dir = tmp_path / "killed"
+    killed = _torchrun(train_flags(inputs, killed_dir, iters=6, extra=layout))
+    tracker = killed_dir / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while not (tracker.is_file() and tracker.read_text().strip() == "3"):
+        assert killed.poll() is None and time.time() < deadline, "the run ended before its checkpoint at 3"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # a random moment after the checkpoint at 3
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+
+    resumed = train_flags(inputs, killed_dir, iters=6, extra=layout + ["--load", str(killed_dir)])
+    _finish(_torchrun(resumed), "resumed run")
+    want, got = _values(tmp_path / "full" / "metrics.jsonl"), _values(killed_dir / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 7))
+    assert got == want  # bit-identical lm_loss and grad_norm at every iteration
+
+
+@pytest.mark.parametrize("packed, workers", [(False, 2), (True, 0)], ids=["unpacked-2workers", "packed-0workers"])
+def test_resume_is_bit_identical_packed_and_with_workers(tmp_path, packed, workers):
+    inputs = training_inputs()
+    extra = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--num-workers", str(workers),
+             "--save-interval", "2", "--lr-decay-iters", "4"] + (["--pack-sequences"] if packed else [])
+    run_distributed(4, train, train_flags(inputs, tmp_path / "full", iters=4, extra=extra))
+    run_distributed(4, train, train_flags(inputs, tmp_path / "part", iters=2, extra=extra))
+    run_distributed(4, train, train_flags(inputs, tmp_path / "part", iters=4,
+                                          extra=extra + ["--load", str(tmp_path / "part")]))
+    want, got = _values(tmp_path / "full" / "metrics.jsonl"), _values(tmp_path / "part" / "metrics.jsonl")
+    assert got == want and sorted(got) == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def saved_at_1_2_2(tmp_path_factory):
+    """4 iterations at TP1 x PP2 x DP2 (distributed optimizer), saved at 2."""
+    root = tmp_path_factory.mktemp("layouts")
+    inputs = training_inputs()
+    extra = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--save-interval", "2"]
+    run_distributed(4, train, train_flags(inputs, root / "run", iters=4, extra=extra))
+    return inputs, root
+
+
+@pytest.mark.parametrize("world, layout", [(4, ["--tensor-model-parallel-size", "2"]), (1, [])], ids=["tp2-dp2", "dp1"])
+def test_resume_at_another_layout_keeps_optimizer_state(saved_at_1_2_2, tmp_path, world, layout):
+    inputs, root = saved_at_1_2_2
+    saved = saved_optimizer_state(root / "run" / "iter_0000002", KEYS)
+    flags = train_flags(inputs, tmp_path / "resumed", iters=4,
+                        extra=layout + ["--use-distributed-optimizer", "--load", str(root / "run"), "--iteration", "2"])
+    loaded = run_distributed(world, loaded_optimizer_state, flags)[0]
+    for key in KEYS:
+        assert sorted(loaded[key]) == sorted(saved[key])
+        for name, tensor in saved[key].items():
+            assert torch.equal(loaded[key][name], tensor), (key, name)
+    assert float(saved["exp_avg_sq"]["lm_head.weight"].abs().sum()) > 0  # real moments, not zeros
+
+    run_distributed(world, train, flags)
+    want = by_iteration(root / "run" / "metrics.jsonl")
+    got = by_iteration(tmp_path / "resumed" / "metrics.jsonl")
+    assert sorted(got) == [3, 4]
+    for i in (3, 4):
+        assert got[i]["lm_loss"] == pytest.approx(want[i]["lm_loss"], rel=1e-5)
+        assert got[i]["grad_norm"] == pytest.approx(want[i]["grad_norm"], rel=1e-4)
