@@ -31,7 +31,7 @@ def _tool(path: Path):
     return module
 
 
-def _records(root: Path, name: str, n: int, text_only_every: int = 3, seed: int = 0) -> Path:
+def _records(root: Path, name: str, n: int, text_only_every: int = 2, seed: int = 0) -> Path:
     """LLaVA records: answers of very different lengths; every `text_only_every`-th has no image."""
     rng = np.random.default_rng(seed)
     images = root / f"{name}_images"

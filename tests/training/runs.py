@@ -13,15 +13,19 @@ import torch.distributed as dist
 
 
 def train(flags: list, patch=None):
-    """parse_args -> build_training -> pretrain on this rank; `patch(ctx)` may alter the built run."""
+    """parse_args -> build_training -> pretrain on this rank; `patch(ctx)` may alter the built run
+    and returns a function that undoes it (the pool's worker processes run later tests too)."""
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
     from megatron_patch.training.loop import pretrain
 
     ctx = build_training(parse_args(flags))
-    if patch is not None:
-        patch(ctx)
-    pretrain(ctx)
+    undo = patch(ctx) if patch is not None else None
+    try:
+        pretrain(ctx)
+    finally:
+        if undo is not None:
+            undo()
 
 
 def by_iteration(metrics_path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def paths(tmp_path_factory):
     p["cfg_badjson"] = root / "model_badjson" / "config.json"
     shutil.copytree(p["cfg"].parent, p["cfg_badjson"].parent)
     p["cfg_badjson"].write_text("{not json")
+    p["cfg_badtok"] = root / "model_badtok" / "config.json"
+    shutil.copytree(p["cfg"].parent, p["cfg_badtok"].parent)
+    (p["cfg_badtok"].parent / "tokenizer.json").write_text("{not json")
     p["cfg_othername"] = root / "model" / "my_config.json"
     shutil.copy(p["cfg"], p["cfg_othername"])
 
@@ -178,19 +182,20 @@ BAD = [
     ("world_size_zero", {}, 0, "WORLD_SIZE must be >= 1"),
     ("no_model_source", {"--model-config": None}, 1, "--load or --model-config is required"),
     ("both_sources", {"--load": "{ckpt}"}, 1, "--load and --model-config are exclusive"),
-    ("load_missing", {**FROM_CKPT, "--load": "{missing}"}, 1, "--load"),
-    ("load_empty", {**FROM_CKPT, "--load": "{empty}"}, 1, "holds no checkpoint"),
+    ("load_missing", {**FROM_CKPT, "--load": "{missing}"}, 1, "--load {missing} does not exist"),
+    ("load_empty", {**FROM_CKPT, "--load": "{empty}"}, 1, "--load {empty} holds no checkpoint"),
     ("load_no_tracker", {**FROM_CKPT, "--load": "{ckpt_notracker}"}, 1, "--load: "),
-    ("load_no_info", {**FROM_CKPT, "--load": "{ckpt_noinfo}"}, 1, "checkpoint_info.json is missing"),
-    ("load_no_tokenizer", {**FROM_CKPT, "--load": "{ckpt_notok}"}, 1, "--load: "),
+    ("load_no_info", {**FROM_CKPT, "--load": "{ckpt_noinfo}"}, 1, "--load: {ckpt_noinfo}/release/checkpoint_info.json is missing"),
+    ("load_no_tokenizer", {**FROM_CKPT, "--load": "{ckpt_notok}"}, 1, "--load: {ckpt_notok}/release/hf_config holds no tokenizer"),
     ("iteration_absent", {**FROM_CKPT, "--iteration": "7"}, 1, "--iteration: the requested iteration names iteration 7"),
     ("iteration_malformed", {**FROM_CKPT, "--iteration": "latest"}, 1, "--iteration: iteration 'latest'"),
     ("iteration_without_load", {"--iteration": "5"}, 1, "--iteration needs --load"),
-    ("model_config_missing", {"--model-config": "{missing}/config.json"}, 1, "--model-config"),
+    ("model_config_missing", {"--model-config": "{missing}/config.json"}, 1, "--model-config {missing}/config.json does not exist"),
     ("model_config_not_idefics2", {"--model-config": "{cfg_llama}"}, 1, "--model-config: "),
     ("model_config_bad_json", {"--model-config": "{cfg_badjson}"}, 1, "--model-config: "),
     ("model_config_other_name", {"--model-config": "{cfg_othername}"}, 1, "--model-config"),
-    ("model_config_no_tokenizer", {"--model-config": "{cfg_notok}"}, 1, "holds no tokenizer"),
+    ("model_config_no_tokenizer", {"--model-config": "{cfg_notok}"}, 1, "--model-config: "),
+    ("model_config_bad_tokenizer", {"--model-config": "{cfg_badtok}"}, 1, "is not a valid tokenizer.json"),
     ("model_config_image_token", {"--model-config": "{cfg_badimage}"}, 1, "image_token_id is 31999"),
     ("model_config_vocab", {"--model-config": "{cfg_smallvocab}"}, 1, "ids up to 32002 but the model's text_config.vocab_size is 32002"),
     ("all_frozen", {"--freeze-llm": True, "--freeze-clip-vision-tower": True, "--freeze-perceiver": True}, 1,
@@ -244,7 +249,8 @@ def test_bad_flags_fail_in_one_line(paths, overrides, world_size, expected):
     with pytest.raises(ArgumentError) as err:
         validated(paths, overrides, world_size)
     message = str(err.value)
-    assert expected in message and "\n" not in message, message
+    assert expected.format(**paths) in message and "\n" not in message, message
+    assert re.search(r"--[a-z]|WORLD_SIZE", message), message  # names the flag to change
 
 
 def test_transformer_engine_must_be_importable(paths, monkeypatch):
