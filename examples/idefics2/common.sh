@@ -3,7 +3,9 @@
 #   rendezvous   NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6000), GPUS_PER_NODE (8)
 #   layout       TP, PP, SP (1: --sequence-parallel when TP > 1)
 #   batch        MBS, GBS, SEQ_LEN
-#   schedule     TRAIN_ITERS, LR, MIN_LR, WARMUP_ITERS, LR_DECAY_STYLE (cosine)
+#   schedule     TRAIN_ITERS, LR, MIN_LR, WARMUP_ITERS, LR_DECAY_STYLE (cosine), LR_DECAY_ITERS
+#                (default TRAIN_ITERS; a resume must keep it: to extend a run, raise TRAIN_ITERS
+#                and set LR_DECAY_ITERS to the old value)
 #   checkpoints  LOAD (must exist), SAVE, SAVE_INTERVAL (500), FINETUNE (1: --finetune), AUTO_RESUME (1)
 #   data         DATA_PATH ("dir" or a blend "0.7 dirA 0.3 dirB"), VALID_DATA_PATH (empty: no
 #                validation), EVAL_INTERVAL (500), EVAL_ITERS (empty: the whole set), NUM_WORKERS (4)
@@ -21,7 +23,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}" "${MASTER_PORT:=6000}" "${GPUS_PER_NODE:=8}"
-: "${SP:=1}" "${LR_DECAY_STYLE:=cosine}" "${SAVE_INTERVAL:=500}" "${EVAL_INTERVAL:=500}" "${EVAL_ITERS:=}"
+: "${SP:=1}" "${LR_DECAY_STYLE:=cosine}" "${LR_DECAY_ITERS:=$TRAIN_ITERS}"
+: "${SAVE_INTERVAL:=500}" "${EVAL_INTERVAL:=500}" "${EVAL_ITERS:=}"
 : "${NUM_WORKERS:=4}" "${LOG_INTERVAL:=10}" "${TENSORBOARD_DIR:=$SAVE/tensorboard}" "${VALID_DATA_PATH:=}"
 : "${FINETUNE:=0}" "${ANSWER_LOSS_ONLY:=0}" "${FREEZE=}" "${AUTO_RESUME:=1}" "${DRY_RUN:=0}"
 : "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
@@ -29,7 +32,7 @@ ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 die() { echo "$NAME: error: $*" >&2; exit 1; }
 has_checkpoint() { [[ -f "$1/latest_checkpointed_iteration.txt" || -d "$1/release" ]]; }
 
-for var in NNODES GPUS_PER_NODE TP PP MBS GBS SEQ_LEN TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL LOG_INTERVAL; do
+for var in NNODES GPUS_PER_NODE TP PP MBS GBS SEQ_LEN TRAIN_ITERS LR_DECAY_ITERS SAVE_INTERVAL EVAL_INTERVAL LOG_INTERVAL; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer"
 done
 [[ "$NODE_RANK" =~ ^[0-9]+$ && NODE_RANK -lt NNODES ]] || die "NODE_RANK=$NODE_RANK must be in [0, NNODES=$NNODES)"
@@ -57,7 +60,7 @@ ARGS=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length "$SEQ_LEN"
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP_ITERS"
-  --lr-decay-style "$LR_DECAY_STYLE"
+  --lr-decay-style "$LR_DECAY_STYLE" --lr-decay-iters "$LR_DECAY_ITERS"
   --load "$LOAD" --save "$SAVE" --save-interval "$SAVE_INTERVAL"
   --data-path $DATA_PATH --num-workers "$NUM_WORKERS"
   --log-interval "$LOG_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"

@@ -159,7 +159,7 @@ class IntervalMeter:
             "consumed_samples": state.consumed_samples,
             "lm_loss": loss_sum / tokens if tokens else float("nan"),
             "grad_norm": step.grad_norm,
-            "lr": self.ctx.scheduler.get_lr(self.ctx.optimizer.param_groups[0]) if self.ctx.optimizer.param_groups else self.ctx.args.lr,
+            "lr": self.ctx.scheduler.get_lr({}),  # the schedule's value (a stage may hold no parameter group)
             "loss_scale": step.loss_scale,
             "skipped_iterations": state.skipped_iterations,
             "nan_iterations": state.nan_iterations,

@@ -17,9 +17,10 @@ ENTRY = EXAMPLES / "pretrain_megatron_idefics2.py"
 PRETRAIN = ["pretrain_idefics2.sh", "pretrain_idefics2_llama3.sh"]
 FINETUNE = ["finetune_idefics2.sh", "finetune_idefics2_llama3.sh"]
 # Settings the environment of a caller may carry: cleared so only the test's values count.
-SETTINGS = ["NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "TP", "PP", "SP", "MBS", "GBS",
-            "SEQ_LEN", "TRAIN_ITERS", "LR", "MIN_LR", "WARMUP_ITERS", "LOAD", "SAVE", "DATA_PATH", "VALID_DATA_PATH",
-            "FREEZE", "ANSWER_LOSS_ONLY", "FINETUNE", "AUTO_RESUME", "DIST_FLAGS", "EVAL_ITERS", "SCRIPT", "REPO"]
+SETTINGS = """NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP PP SP MBS GBS SEQ_LEN TRAIN_ITERS LR MIN_LR
+    WARMUP_ITERS LR_DECAY_STYLE LR_DECAY_ITERS LOAD SAVE SAVE_INTERVAL FINETUNE AUTO_RESUME DATA_PATH VALID_DATA_PATH
+    EVAL_INTERVAL EVAL_ITERS NUM_WORKERS FREEZE ANSWER_LOSS_ONLY DIST_FLAGS LOG_INTERVAL TENSORBOARD_DIR SCRIPT
+    REPO""".split()
 
 
 @pytest.fixture
@@ -71,6 +72,7 @@ def test_dry_run_prints_a_torchrun_command_the_entry_point_parses(script, paths)
                         "--master-addr": "node0", "--master-port": "1234"}
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
     assert (args.micro_batch_size, args.global_batch_size, args.train_iters, args.lr) == (1, 16, 10, 1e-4)
+    assert args.lr_decay_iters == 10 and args.lr_decay_style == "cosine"
     assert (args.load, args.save, args.data_path) == (paths["LOAD"], paths["SAVE"], [paths["DATA_PATH"]])
     assert args.bf16 and args.use_distributed_optimizer and args.accumulate_allreduce_grads_in_fp32
     assert args.sequence_parallel and args.save_interval

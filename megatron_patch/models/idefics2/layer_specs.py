@@ -1,7 +1,8 @@
 """ModuleSpecs for the Idefics2 towers: transformer-engine layers when TE is importable, local otherwise.
 
 Local layers use megatron-core's local spec with `TorchNorm` for every norm, so --sequence-parallel
-works without transformer-engine too.
+works without transformer-engine too, and `SDPAttention` (torch SDPA) as core attention instead of
+megatron-core's unfused `DotProductAttention`, which materialises every [s, s] score matrix.
 
 Parameter names in checkpoints are the canonical megatron-core ones (TE-style: the layer norms that TE
 fuses into the following linear are stored as `...linear_qkv.layer_norm_weight` and
@@ -21,6 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_patch.models.idefics2.norms import TorchNorm
+from megatron_patch.models.idefics2.sdpa_attention import SDPAttention
 
 # Canonical (TE-fused) name fragment -> local spec's module name fragment.
 _LOCAL_NAMES = {
@@ -53,8 +55,12 @@ def _layer_spec(use_te: bool) -> ModuleSpec:
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec()
-    norms = dict(input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    )
+    local = dict(input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **local))
 
 
 def _block_spec(layer: ModuleSpec, num_layers: int, use_te: bool):

@@ -1,0 +1,112 @@
+"""SDPAttention gives megatron-core's unfused DotProductAttention's numbers (forward and input grads)
+for causal GQA, the vision tower's key-padding mask and the packed rows' block-diagonal mask, at TP=1
+and with the TP-local head counts of TP=2."""
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_patch.models.idefics2.layer_specs import _layer_spec, vision_block_spec
+from megatron_patch.models.idefics2.model import packed_causal_mask
+from megatron_patch.models.idefics2.sdpa_attention import SDPAttention
+from megatron_patch.platform import init_distributed
+from tests.distributed_harness import run_distributed
+
+HEADS, GROUPS, DIM, BATCH, SEQ = 8, 2, 16, 2, 24
+
+
+def _config(groups: int, tp: int, **extra) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS, num_query_groups=groups,
+        kv_channels=DIM, tensor_model_parallel_size=tp, attention_dropout=0.0, masked_softmax_fusion=False,
+        use_cpu_initialization=True, **extra,
+    )
+
+
+def _mask(kind: str) -> tuple[AttnMaskType, torch.Tensor | None]:
+    """(layer mask type, megatron-core mask with True = masked) of each case."""
+    if kind == "causal":
+        return AttnMaskType.causal, None
+    if kind == "padding":  # vision tower: [b, 1, 1, s], padded keys masked, every image keeps some
+        real = torch.tensor([SEQ, 17])
+        return AttnMaskType.padding, (torch.arange(SEQ)[None, :] >= real[:, None]).view(BATCH, 1, 1, SEQ)
+    if kind == "dense_padding":  # the same as [b, 1, s, s]
+        _, mask = _mask("padding")
+        return AttnMaskType.padding, mask.expand(BATCH, 1, SEQ, SEQ).contiguous()
+    if kind == "packed":  # rows holding segments of 5, 11, 8 and 10, 1, 13 tokens
+        cu = torch.tensor([0, 5, 16, 24, 34, 35, 48], dtype=torch.int32)
+        return AttnMaskType.causal, packed_causal_mask(cu, BATCH, SEQ)
+    raise KeyError(kind)
+
+
+def compare_case(tp: int, kind: str, groups: int, softmax_scale, training: bool):
+    """Max abs differences (output, dq, dk, dv) between SDPAttention and DotProductAttention on this rank."""
+    init_distributed(tp, 1, seed=1234)
+    config = _config(groups, tp)
+    mask_type, mask = _mask(kind)
+    args = dict(config=config, layer_number=1, attn_mask_type=mask_type, attention_type="self",
+                softmax_scale=softmax_scale)
+    ours, reference = SDPAttention(**args), DotProductAttention(**args)
+    ours.train(training), reference.train(training)
+    heads, kv = HEADS // tp, groups // tp
+    g = torch.Generator().manual_seed(11 + torch.distributed.get_rank())
+    q = torch.randn(SEQ, BATCH, heads, DIM, generator=g)
+    k = torch.randn(SEQ, BATCH, kv, DIM, generator=g)
+    v = torch.randn(SEQ, BATCH, kv, DIM, generator=g)
+    grad_out = torch.randn(SEQ, BATCH, heads * DIM, generator=g)
+    results = []
+    for module in (ours, reference):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = module(*inputs, mask)
+        assert out.shape == (SEQ, BATCH, heads * DIM)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    return [float((a - b).abs().max()) for a, b in zip(*results)]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize(
+    "kind,groups,softmax_scale,training",
+    [
+        ("causal", GROUPS, None, False),  # GQA: 8 query heads over 2 kv heads (4 over 1 per TP rank)
+        ("causal", HEADS, 0.3, True),  # plain MHA, explicit scale, training mode (dropout 0)
+        ("padding", HEADS, None, False),
+        ("dense_padding", GROUPS, None, False),
+        ("packed", GROUPS, None, True),
+    ],
+)
+def test_matches_unfused_dot_product_attention(tp, kind, groups, softmax_scale, training):
+    for rank_diffs in run_distributed(tp, compare_case, tp, kind, groups, softmax_scale, training):
+        assert max(rank_diffs) < 1e-5, (kind, rank_diffs)
+
+
+def test_local_specs_use_sdpa():
+    # The LLM spec is the shared local layer spec (language_block_spec needs the PP state for its
+    # layer count); the vision spec is that layer with a padding mask.
+    for spec in (_layer_spec(use_te=False), vision_block_spec(_config(GROUPS, 1), use_te=False).layer_specs[0]):
+        assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+
+
+def test_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="window_size"):
+        SDPAttention(_config(GROUPS, 1, window_size=(4, 0)), 1, AttnMaskType.causal, "self",
+                     pg_collection=_FakeCollection())
+    ours = SDPAttention(_config(GROUPS, 1), 1, AttnMaskType.causal, "self", pg_collection=_FakeCollection())
+    q = torch.randn(4, 1, HEADS, DIM)
+    kv = torch.randn(4, 1, GROUPS, DIM)
+    with pytest.raises(ValueError, match="boolean"):
+        ours(q, kv, kv, torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="query heads"):
+        ours(q[:, :, :4], kv, kv, None)
+
+
+class _FakeGroup:
+    def size(self) -> int:
+        return 1
+
+
+class _FakeCollection:
+    tp = _FakeGroup()
