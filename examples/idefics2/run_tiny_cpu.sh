@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-runs/tiny_cpu}
 CKPT=$OUT/checkpoints
 TOOLS=toolkits/model_checkpoints_convertor/idefics2
-: "${ITERS:=90}" "${RESUME_ITERS:=110}" "${LR:=1e-2}" "${MIN_LR:=1e-3}" "${GBS:=32}" "${MBS:=8}"
+ITERS=90 RESUME_ITERS=110  # one cosine schedule over both runs (a resume keeps --lr-decay-iters)
 # Four ranks share the cores: one thread each. Hide megatron-core's expected notes on a CPU machine.
 export OMP_NUM_THREADS=1
 PYTHONWARNINGS="ignore:Transformer Engine and Apex are not installed,ignore:Apex is not installed"
@@ -45,8 +45,8 @@ train() {  # the same run each time; --load follows the tracker (release first, 
   torchrun --nproc-per-node 4 examples/idefics2/pretrain_megatron_idefics2.py \
     --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --load "$CKPT" --save "$CKPT" \
     --data-path "$OUT/shards/train" --valid-data-path "$OUT/shards/valid" --answer-loss-only \
-    --micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length 32 --num-workers 0 \
-    --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters 3 --lr-decay-style cosine \
+    --micro-batch-size 8 --global-batch-size 32 --seq-length 32 --num-workers 0 \
+    --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 3 --lr-decay-style cosine \
     --lr-decay-iters "$RESUME_ITERS" --log-interval 1 --eval-interval 30 --save-interval 45 "$@"
 }
 step "4/6 train from release to iteration $ITERS (4 gloo ranks), then resume to $RESUME_ITERS"

@@ -16,12 +16,13 @@ from megatron_patch.training.metrics import read_metrics
 
 
 def loss_report(path: str, min_drop: float) -> int:
-    losses = {int(r["iteration"]): float(r["lm_loss"]) for r in read_metrics(path) if r.get("lm_loss") is not None}
+    records = read_metrics(path)
+    losses = {int(r["iteration"]): float(r["lm_loss"]) for r in records if r.get("lm_loss") is not None}
     if not losses:
         print(f"tiny_cpu_report: error: {path} has no training loss records", file=sys.stderr)
         return 1
     first, last = losses[min(losses)], losses[max(losses)]
-    valid = [r["validation_loss"] for r in read_metrics(path) if "validation_loss" in r]
+    valid = [r["validation_loss"] for r in records if "validation_loss" in r]
     tail = f"; last validation loss {valid[-1]:.3f}" if valid else ""
     print(f"loss fell from {first:.3f} (iteration {min(losses)}) to {last:.3f} (iteration {max(losses)}){tail}")
     if not last <= (1 - min_drop) * first:

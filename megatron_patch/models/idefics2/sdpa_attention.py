@@ -140,7 +140,7 @@ class SDPAttention(MegatronModule):
                 attn_mask=keep_mask(attention_mask),
                 dropout_p=dropout_p,
                 is_causal=is_causal,
-                scale=self.softmax_scale,
+                scale=None,
                 **gqa,
             )
 
