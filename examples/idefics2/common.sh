@@ -11,7 +11,8 @@
 #                validation), EVAL_INTERVAL (500), EVAL_ITERS (empty: the whole set), NUM_WORKERS (4)
 #   training     FREEZE (freeze flags), ANSWER_LOSS_ONLY (1: --answer-loss-only),
 #                DIST_FLAGS (--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32)
-#   logging      LOG_INTERVAL (10), TENSORBOARD_DIR (SAVE/tensorboard); metrics go to SAVE/metrics.jsonl
+#   logging      LOG_INTERVAL (10), TENSORBOARD_DIR (empty: none; needs `pip install tensorboard`);
+#                metrics always go to SAVE/metrics.jsonl
 #   DRY_RUN=1    print the command and exit 0 without running it
 # Arguments given to the launcher are appended to the entry point's flags (the last one wins).
 # With AUTO_RESUME=1, a SAVE that already holds a checkpoint is resumed (LOAD=SAVE, no --finetune),
@@ -25,7 +26,7 @@ ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=localhost}" "${MASTER_PORT:=6000}" "${GPUS_PER_NODE:=8}"
 : "${SP:=1}" "${LR_DECAY_STYLE:=cosine}" "${LR_DECAY_ITERS:=$TRAIN_ITERS}"
 : "${SAVE_INTERVAL:=500}" "${EVAL_INTERVAL:=500}" "${EVAL_ITERS:=}"
-: "${NUM_WORKERS:=4}" "${LOG_INTERVAL:=10}" "${TENSORBOARD_DIR:=$SAVE/tensorboard}" "${VALID_DATA_PATH:=}"
+: "${NUM_WORKERS:=4}" "${LOG_INTERVAL:=10}" "${TENSORBOARD_DIR:=}" "${VALID_DATA_PATH:=}"
 : "${FINETUNE:=0}" "${ANSWER_LOSS_ONLY:=0}" "${FREEZE=}" "${AUTO_RESUME:=1}" "${DRY_RUN:=0}"
 : "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
 
@@ -63,12 +64,13 @@ ARGS=(
   --lr-decay-style "$LR_DECAY_STYLE" --lr-decay-iters "$LR_DECAY_ITERS"
   --load "$LOAD" --save "$SAVE" --save-interval "$SAVE_INTERVAL"
   --data-path $DATA_PATH --num-workers "$NUM_WORKERS"
-  --log-interval "$LOG_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
+  --log-interval "$LOG_INTERVAL"
   $DIST_FLAGS $FREEZE
 )
 ((TP > 1)) && [[ "$SP" == 1 ]] && ARGS+=(--sequence-parallel)
 [[ "$FINETUNE" == 1 ]] && ARGS+=(--finetune)
 [[ "$ANSWER_LOSS_ONLY" == 1 ]] && ARGS+=(--answer-loss-only)
+[[ -n "$TENSORBOARD_DIR" ]] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 if [[ -n "$VALID_DATA_PATH" ]]; then
   # shellcheck disable=SC2206
   ARGS+=(--valid-data-path $VALID_DATA_PATH --eval-interval "$EVAL_INTERVAL")

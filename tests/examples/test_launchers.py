@@ -77,6 +77,7 @@ def test_dry_run_prints_a_torchrun_command_the_entry_point_parses(script, paths)
     assert args.bf16 and args.use_distributed_optimizer and args.accumulate_allreduce_grads_in_fp32
     assert args.sequence_parallel and args.save_interval
     assert args.valid_data_path is None and args.eval_interval is None  # no validation set given
+    assert args.tensorboard_dir is None  # opt-in: tensorboard is not a dependency
     if script in PRETRAIN:
         assert args.freeze_llm and args.freeze_clip_vision_tower and not args.freeze_perceiver
         assert not args.answer_loss_only and not args.finetune
@@ -98,9 +99,9 @@ def test_validation_set_extra_flags_and_overrides(paths, tmp_path):
     blend = f"0.7 {paths['DATA_PATH']} 0.3 {valid}"
     _, args = dry("finetune_idefics2.sh", {**paths, "DATA_PATH": blend}, "--eval-iters", "3", "--seed", "7",
                   VALID_DATA_PATH=valid, EVAL_INTERVAL=50, FREEZE="--freeze-clip-vision-tower", ANSWER_LOSS_ONLY=0,
-                  TP=1, PP=4, GPUS_PER_NODE=4, GBS=8, DIST_FLAGS="")
+                  TP=1, PP=4, GPUS_PER_NODE=4, GBS=8, DIST_FLAGS="", TENSORBOARD_DIR=tmp_path / "tb")
     assert args.data_path == blend.split() and args.valid_data_path == [valid] and args.eval_interval == 50
-    assert (args.eval_iters, args.seed) == (3, 7)
+    assert (args.eval_iters, args.seed, args.tensorboard_dir) == (3, 7, str(tmp_path / "tb"))
     assert args.freeze_clip_vision_tower and not args.freeze_llm and not args.answer_loss_only
     assert not args.sequence_parallel and not args.bf16 and not args.use_distributed_optimizer
 
@@ -164,3 +165,5 @@ def test_sbatch_runs_one_launcher_per_node(paths, tmp_path):
     bad = run("slurm/idefics2.sbatch", paths, path_prefix=stubs, SCRIPT="nope.sh", SLURM_JOB_NODELIST="x",
               SLURM_NNODES=1, SLURM_SUBMIT_DIR=REPO)
     assert bad.returncode != 0 and "no launcher" in bad.stderr
+    outside = run("slurm/idefics2.sbatch", paths, path_prefix=stubs, SLURM_SUBMIT_DIR=REPO)
+    assert outside.returncode != 0 and "not inside a SLURM job" in outside.stderr
