@@ -20,13 +20,18 @@ import sys
 
 
 def main(argv=None):
-    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.arguments import PROG, parse_args
 
     args = parse_args(argv)  # every flag checked before anything is built
     from megatron_patch.training.build import build_training
     from megatron_patch.training.loop import pretrain
+    from megatron_patch.training.errors import USER_ERRORS, report_error
 
-    return pretrain(build_training(args))
+    try:
+        return pretrain(build_training(args))
+    except USER_ERRORS as err:  # bad checkpoint, data or resume flags; NaN stop: one line, exit 1
+        report_error(PROG, err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -265,8 +265,9 @@ def _check_schedule(args) -> None:
             args.lr_decay_iters = args.train_iters
     if args.lr is not None and args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}; lower --min-lr")
-    if args.lr_decay_iters is not None and args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+    # megatron-core's schedule needs the warmup to end before the decay does.
+    if args.lr_decay_iters is not None and args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters "
                             f"{args.lr_decay_iters} (default --train-iters); shorten the warmup")
 
 

@@ -21,7 +21,7 @@ from megatron_patch.data.loader import build_train_valid_loaders
 from megatron_patch.models.idefics2.model import build_model
 from megatron_patch.platform import init_distributed
 from megatron_patch.platform.distributed import get_device
-from megatron_patch.training.arguments import frozen_components, parallel_options
+from megatron_patch.training.arguments import ArgumentError, frozen_components, parallel_options
 from megatron_patch.training.checkpointing import TrainState, load_training_state, load_weights, loader_state_for_rank
 from megatron_patch.training.freezing import format_parameter_table, freeze, parameter_table
 from megatron_patch.training.metrics import progress
@@ -49,7 +49,7 @@ class TrainingContext:
 def _check_image_seq_len(encoder, hf_config) -> None:
     latents = hf_config.perceiver_config.resampler_n_latents
     if encoder.image_seq_len != latents:
-        raise ValueError(f"--image-seq-len {encoder.image_seq_len} does not match the model's "
+        raise ArgumentError(f"--image-seq-len {encoder.image_seq_len} does not match the model's "
                          f"{latents} perceiver latents per image; drop the flag or set it to {latents}")
 
 
@@ -72,6 +72,12 @@ def build_data(ctx: TrainingContext) -> None:
 
 def build_training(args) -> TrainingContext:
     """Lay out the ranks, build model, optimizer, schedule and data; resume from --load."""
+    if args.tensorboard_dir:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (fail now, not after the model is built)
+        except ImportError as err:
+            raise ArgumentError(f"--tensorboard-dir needs the tensorboard package ({err}); "
+                                f"pip install tensorboard, or drop the flag") from None
     opts = parallel_options(args)
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
     ctx = TrainingContext(args=args, opts=opts, hf_config=args.hf_config, device=get_device())

@@ -24,13 +24,10 @@ from megatron_patch.data.packing import packed_seq_params
 from megatron_patch.training import loss as loss_lib
 from megatron_patch.training.arguments import frozen_components
 from megatron_patch.training.checkpointing import save_checkpoint
+from megatron_patch.training.errors import TrainingStopped
 from megatron_patch.training.flops import BatchShapes, device_name, mfu, peak_tflops, training_flops
 from megatron_patch.training.metrics import MetricsWriter, format_validation_line
 from megatron_patch.training.optimizer import optimizer_step
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (too many consecutive NaN/Inf steps); the last checkpoint is intact."""
 
 
 def to_device(batch: dict, device) -> dict:
