@@ -62,7 +62,8 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
     assert got == want  # bit-identical lm_loss and grad_norm at every iteration
 
 
-@pytest.mark.parametrize("packed, workers", [(False, 2), (True, 0)], ids=["unpacked-2workers", "packed-0workers"])
+@pytest.mark.parametrize("packed, workers", [(False, 2), (True, 0), (True, 2)],
+                         ids=["unpacked-2workers", "packed-0workers", "packed-2workers"])
 def test_resume_is_bit_identical_packed_and_with_workers(tmp_path, packed, workers):
     inputs = training_inputs()
     extra = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--num-workers", str(workers),
