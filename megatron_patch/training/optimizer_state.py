@@ -88,27 +88,24 @@ def materialize_state(optimizer) -> None:
                 p.grad = None
 
 
-def optimizer_step_count(optimizer) -> int:
-    """Adam's step counter (the same for every parameter: all trainable parameters step together)."""
+def _per_parameter_states(optimizer):
+    """Every per-parameter state dict of the torch optimizers inside `optimizer`."""
     for opt in sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for state in inner.state.values():
-            if "step" in state:
-                return int(state["step"])
-    return 0
+        if inner is not None:
+            yield from inner.state.values()
+
+
+def optimizer_step_count(optimizer) -> int:
+    """Adam's step counter (the same for every parameter: all trainable parameters step together)."""
+    return next((int(state["step"]) for state in _per_parameter_states(optimizer) if "step" in state), 0)
 
 
 @torch.no_grad()
 def set_optimizer_step_count(optimizer, step: int) -> None:
-    for opt in sub_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for state in inner.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+    for state in _per_parameter_states(optimizer):
+        if "step" in state:
+            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
 
 
 def _trainable(model, opts) -> list:
