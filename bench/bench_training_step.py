@@ -37,13 +37,14 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
 
     torch.set_num_threads(1)
     ctx = build_training(parse_args(flags))
-    data, meter = iter(ctx.train_loader), IntervalMeter(ctx)
+    data = iter(ctx.train_loader) if ctx.train_loader is not None else None  # the loading ranks
+    meter = IntervalMeter(ctx)
     ctx.model.train()
     fixed = next_batches(ctx, data)
 
     def bare():
         ctx.model.zero_grad_buffer()
-        run_schedule(ctx, fixed, forward_only=False)
+        run_schedule(ctx, fixed.batches, forward_only=False)
 
     def loop():
         meter.add(train_step(ctx, next_batches(ctx, data)))
@@ -64,7 +65,7 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
             "layout": "TP2 x PP2 x DP1, 4 gloo ranks, 1 thread each",
             "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
             "torch": torch.__version__, "rounds": rounds,
-            "micro_batches_per_iteration": len(fixed), "micro_batch_size": ctx.args.micro_batch_size,
+            "micro_batches_per_iteration": len(fixed.batches), "micro_batch_size": ctx.args.micro_batch_size,
             "seq_length": ctx.args.seq_length,
             "bare_forward_backward_ms": round(bare_ms, 1), "loop_iteration_ms": round(loop_ms, 1),
             "loop_overhead_ms": round(loop_ms - bare_ms, 1), "loop_over_bare": round(loop_ms / bare_ms, 3),

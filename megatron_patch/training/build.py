@@ -21,6 +21,7 @@ from megatron_patch.data.loader import build_train_valid_loaders
 from megatron_patch.models.idefics2.model import build_model
 from megatron_patch.platform import init_distributed
 from megatron_patch.platform.distributed import get_device
+from megatron_patch.training.batch_transport import loads_data
 from megatron_patch.training.arguments import ArgumentError, frozen_components, parallel_options
 from megatron_patch.training.checkpointing import TrainState, load_training_state, load_weights, loader_state_for_rank
 from megatron_patch.training.freezing import format_parameter_table, freeze, parameter_table
@@ -54,7 +55,10 @@ def _check_image_seq_len(encoder, hf_config) -> None:
 
 
 def build_data(ctx: TrainingContext) -> None:
+    """Loaders on the ranks that load (TP rank 0 of the first stage); see batch_transport."""
     args = ctx.args
+    if not loads_data():
+        return
     encoder = encoder_from_args(args, args.tokenizer_dir)
     _check_image_seq_len(encoder, ctx.hf_config)
     collate = Collator(args.seq_length, encoder.pad_token_id)

@@ -21,6 +21,7 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patch.data.packing import packed_seq_params
+from megatron_patch.training.batch_transport import broadcast_count, distribute
 from megatron_patch.training import loss as loss_lib
 from megatron_patch.training.arguments import frozen_components
 from megatron_patch.training.checkpointing import save_checkpoint
@@ -30,16 +31,12 @@ from megatron_patch.training.metrics import MetricsWriter, format_validation_lin
 from megatron_patch.training.optimizer import optimizer_step
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def forward_step(data_iterator, model):
     """megatron-core forward step: per-token losses of one micro-batch and the loss function."""
     batch = next(data_iterator)
     packed = packed_seq_params(batch) if "cu_seqlens" in batch else None
-    output = model(batch["tokens"], batch["position_ids"], batch["pixel_values"], batch["pixel_attention_mask"],
-                   batch["image_mask"], labels=batch["labels"], packed_seq_params=packed)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                   batch.get("image_mask"), labels=batch["labels"], packed_seq_params=packed)
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -63,34 +60,50 @@ class StepResult:
     grad_norm: float
     updated: bool
     loss_scale: float
-    text_tokens: int  # non-pad tokens of this DP rank
-    shapes: BatchShapes
+    text_tokens: int  # non-pad tokens this rank loaded (0 on ranks that load nothing)
+    shapes: BatchShapes  # of what this rank loaded, for the FLOP count
 
 
-def _sum_over_dp(values: torch.Tensor) -> torch.Tensor:
+def _sum_over_world(values: torch.Tensor) -> torch.Tensor:
+    """Totals over the loading ranks (one per model replica; the others contribute zeros)."""
     if dist.is_initialized():
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(values)
     return values
 
 
-def train_step(ctx, batches: list) -> StepResult:
+@dataclass
+class MicroBatches:
+    batches: list  # this rank's share of each micro-batch, on its device
+    text_tokens: int
+    shapes: BatchShapes
+
+
+def next_batches(ctx, data_iter, count: int | None = None) -> MicroBatches:
+    """The next micro-batches: read on the loading rank, sent to the others (batch_transport)."""
+    count = get_num_microbatches() if count is None else count
+    batches, tokens = [], 0
+    shapes = BatchShapes(0, ctx.args.seq_length)
+    for _ in range(count):
+        raw = next(data_iter) if data_iter is not None else None
+        if raw is not None:
+            tokens += int(raw["attention_mask"].sum())
+            shapes = shapes + BatchShapes.from_batch(raw, ctx.hf_config.vision_config.patch_size)
+        batches.append(distribute(raw, ctx.device))
+    return MicroBatches(batches, tokens, shapes)
+
+
+def train_step(ctx, micro: MicroBatches) -> StepResult:
     """Zero grads, forward + backward over the micro-batches, guarded optimizer step, LR step."""
     ctx.model.zero_grad_buffer()
     ctx.optimizer.zero_grad()
-    reports = run_schedule(ctx, batches, forward_only=False)
+    reports = run_schedule(ctx, micro.batches, forward_only=False)
     loss, tokens = loss_lib.reduce_loss(reports, ctx.device)
     loss_ok = math.isfinite(loss) or not parallel_state.is_pipeline_last_stage()
     outcome = optimizer_step(ctx.optimizer, loss_ok, ctx.args.clip_grad, ctx.device)
     if outcome.updated:
         ctx.scheduler.step(increment=1)
-    shapes = BatchShapes.total(BatchShapes.from_batch(b, ctx.hf_config.vision_config.patch_size) for b in batches)
-    text_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return StepResult(loss * tokens if tokens else float("nan"), tokens, outcome.grad_norm, outcome.updated,
-                      outcome.loss_scale, text_tokens, shapes)
-
-
-def next_batches(ctx, data_iter) -> list:
-    return [to_device(next(data_iter), ctx.device) for _ in range(get_num_microbatches())]
+                      outcome.loss_scale, micro.text_tokens, micro.shapes)
 
 
 @torch.no_grad()
@@ -98,18 +111,20 @@ def evaluate(ctx) -> dict:
     """Per-token loss over the whole validation set (or --eval-iters iterations of the global
     batch), with the training loss definition; every rank runs the same number of micro-batches."""
     ctx.model.eval()
-    loader = ctx.valid_loader
-    loader.load_state_dict({"consumed_samples": 0})
-    steps = loader.num_steps()
+    loader, data = ctx.valid_loader, None
+    if loader is not None:  # the loading ranks
+        loader.load_state_dict({"consumed_samples": 0})
+        data = iter(loader)
+    steps = broadcast_count(loader.num_steps() if loader is not None else None, ctx.device)
     if ctx.args.eval_iters:
         steps = min(steps, ctx.args.eval_iters * get_num_microbatches())
-    data = iter(loader)
     reports = []
     chunk = get_num_microbatches()
     for start in range(0, steps, chunk):
-        batches = [to_device(next(data), ctx.device) for _ in range(min(chunk, steps - start))]
-        reports += run_schedule(ctx, batches, forward_only=True)
-    data.close()
+        micro = next_batches(ctx, data, min(chunk, steps - start))
+        reports += run_schedule(ctx, micro.batches, forward_only=True)
+    if data is not None:
+        data.close()
     ctx.model.train()
     loss, tokens = loss_lib.reduce_loss(reports, ctx.device)
     return {"validation_loss": loss, "validation_ppl": math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss,
@@ -140,7 +155,7 @@ class IntervalMeter:
         ctx = self.ctx
         # One small reduction over DP: non-pad tokens and the batch shapes for the FLOP count.
         counts = torch.cat([torch.tensor([step.text_tokens]), step.shapes.to_tensor()]).to(ctx.device)
-        counts = _sum_over_dp(counts).cpu()
+        counts = _sum_over_world(counts).cpu()
         shapes = BatchShapes.from_tensor(counts[1:], step.shapes.seq_length)
         self.tokens += int(counts[0])
         self.flops += training_flops(ctx.hf_config, shapes, self.frozen)
@@ -170,8 +185,8 @@ class IntervalMeter:
 
 
 def _bad_samples(ctx) -> int:
-    bad = torch.tensor([ctx.train_loader.snapshot()["bad"]], dtype=torch.int64, device=ctx.device)
-    return int(_sum_over_dp(bad))
+    mine = ctx.train_loader.snapshot()["bad"] if ctx.train_loader is not None else 0
+    return int(_sum_over_world(torch.tensor([mine], dtype=torch.int64, device=ctx.device)))
 
 
 def _metrics_writer(ctx) -> MetricsWriter:
@@ -193,7 +208,7 @@ def pretrain(ctx) -> dict:
         if args.skip_train:
             return run_evaluation(ctx, writer, ctx.state.iteration)
         state, meter = ctx.state, IntervalMeter(ctx)
-        data = iter(ctx.train_loader)
+        data = iter(ctx.train_loader) if ctx.train_loader is not None else None
         consecutive_bad, record, saved_at, evaluated_at = 0, {}, None, None
         ctx.model.train()
         ctx.report(f"training from iteration {state.iteration} to {args.train_iters} "
@@ -216,7 +231,7 @@ def pretrain(ctx) -> dict:
                 raise TrainingStopped(
                     f"{consecutive_bad} consecutive iterations had NaN/Inf loss or gradients (--max-skipped-iterations "
                     f"{args.max_skipped_iterations}); stopped at iteration {state.iteration}, the last checkpoint is intact")
-            if args.eval_interval and ctx.valid_loader is not None and state.iteration % args.eval_interval == 0:
+            if args.eval_interval and args.valid_data_path and state.iteration % args.eval_interval == 0:
                 run_evaluation(ctx, writer, state.iteration)
                 evaluated_at = state.iteration
             if args.save and args.save_interval and state.iteration % args.save_interval == 0:
@@ -224,7 +239,7 @@ def pretrain(ctx) -> dict:
                 saved_at = state.iteration
         if args.save and saved_at != state.iteration:
             _save(ctx, state)
-        if ctx.valid_loader is not None and args.eval_interval and evaluated_at != state.iteration:
+        if args.valid_data_path and args.eval_interval and evaluated_at != state.iteration:
             run_evaluation(ctx, writer, state.iteration)
         return record
 

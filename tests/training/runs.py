@@ -128,3 +128,14 @@ def model_weights(flags: list) -> dict | None:
     stage, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     local = {(stage, tp, k): v for k, v in local_tensors(unwrap(ctx.model), ctx.opts).items()}
     return _gather_to_hf(local, ctx)
+
+
+def who_loads(flags: list):
+    """(TP rank, PP rank, whether this rank built a data loader) after building a run."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.build import build_training
+
+    ctx = build_training(parse_args(flags))
+    return ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ctx.train_loader is not None

@@ -15,7 +15,7 @@ import torch
 
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
-from tests.training.runs import by_iteration, loaded_optimizer_state, saved_optimizer_state, train
+from tests.training.runs import by_iteration, loaded_optimizer_state, saved_optimizer_state, train, who_loads
 
 ENTRY = str(REPO / "examples" / "idefics2" / "pretrain_megatron_idefics2.py")
 KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -106,3 +106,18 @@ def test_resume_at_another_layout_keeps_optimizer_state(saved_at_1_2_2, tmp_path
     for i in (3, 4):
         assert got[i]["lm_loss"] == pytest.approx(want[i]["lm_loss"], rel=1e-5)
         assert got[i]["grad_norm"] == pytest.approx(want[i]["grad_norm"], rel=1e-4)
+
+
+def test_only_tp_rank0_of_the_first_stage_loads_and_resume_stays_exact_at_tp2_pp2_dp2(tmp_path):
+    inputs = training_inputs()
+    extra = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--pack-sequences",
+             "--save-interval", "2", "--lr-decay-iters", "4"]
+    loaders = run_distributed(8, who_loads, train_flags(inputs, tmp_path / "probe", iters=4, extra=extra))
+    assert sorted(set(loaders)) == [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False)]
+    assert sum(has for _, _, has in loaders) == 2  # one loader per DP replica
+    run_distributed(8, train, train_flags(inputs, tmp_path / "full", iters=4, extra=extra))
+    run_distributed(8, train, train_flags(inputs, tmp_path / "part", iters=2, extra=extra))
+    assert sorted(p.name for p in (tmp_path / "part" / "iter_0000002" / "loader").iterdir()) == ["dp_000.json", "dp_001.json"]
+    run_distributed(8, train, train_flags(inputs, tmp_path / "part", iters=4, extra=extra + ["--load", str(tmp_path / "part")]))
+    want, got = _values(tmp_path / "full" / "metrics.jsonl"), _values(tmp_path / "part" / "metrics.jsonl")
+    assert got == want and sorted(got) == [1, 2, 3, 4]
