@@ -171,6 +171,9 @@ def load_training_state(ctx) -> TrainState:
         return TrainState()
     state = TrainState(saved["iteration"], saved["consumed_samples"], saved["skipped_iterations"],
                        saved["nan_iterations"])
+    if saved.get("seed", args.seed) != args.seed:  # the data order and augmentations follow the seed
+        raise CheckpointError(f"--seed {args.seed} differs from the checkpoint's {saved['seed']}: the resumed run "
+                              f"would see another data order; resume with --seed {saved['seed']} or use --finetune")
     _check_schedule(saved["scheduler"], ctx.scheduler)
     ctx.scheduler.load_state_dict(saved["scheduler"])
     if not args.no_load_optim:

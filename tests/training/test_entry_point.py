@@ -36,3 +36,11 @@ def test_resume_with_another_schedule_is_one_line(tmp_path):
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
     assert "--lr gives 0.0005 but the checkpoint was trained with 0.001" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_with_another_seed_is_one_line(tmp_path):
+    inputs = training_inputs()
+    run_distributed(1, train, train_flags(inputs, tmp_path / "run", iters=2))
+    proc, errors = _run(train_flags(inputs, tmp_path / "run", iters=2, extra=["--load", str(tmp_path / "run"), "--seed", "8"]))
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert "--seed 8 differs from the checkpoint's 7" in errors[0]
