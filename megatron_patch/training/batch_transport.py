@@ -6,11 +6,12 @@ micro-batch then travels in two broadcasts:
    ids and positions for the shapes, the packed-row boundaries for attention, the labels and loss
    mask for the last stage's loss);
 2. over each stage's TP group, that stage's part (the first stage also gets the images).
-Shapes vary between micro-batches (images, packed-row boundaries), so each broadcast first sends
-a small description of the tensors. Bool tensors travel as uint8 (NCCL has no bool).
+Shapes vary between micro-batches (images, packed-row boundaries), so each hop is two collectives:
+a fixed-size int64 header describing the tensors, then all their bytes in one uint8 buffer.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,24 +27,40 @@ def loads_data() -> bool:
     return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_first_stage()
 
 
+_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16)
+_MAX_DIMS, _FIELDS = 5, 8  # per tensor in the header: key, dtype, ndim, then up to 5 sizes
+_HEADER = 1 + len(PIPELINE_KEYS + IMAGE_KEYS) * _FIELDS
+
+
+def _header(batch: dict, keys) -> torch.Tensor:
+    rows = []
+    for i, key in enumerate(keys):
+        if key in batch:
+            shape = list(batch[key].shape)
+            rows += [i, _DTYPES.index(batch[key].dtype), len(shape)] + shape + [0] * (_MAX_DIMS - len(shape))
+    return torch.tensor([len(rows) // _FIELDS] + rows + [0] * (_HEADER - 1 - len(rows)), dtype=torch.int64)
+
+
 def _broadcast(batch: Optional[dict], keys, src: int, group, device) -> dict:
-    """Broadcast `keys` of `batch` (held by global rank `src`) to every rank of `group`."""
+    """Broadcast `keys` of `batch` (held by global rank `src`) to every rank of `group`: one small
+    header (which tensors, their dtypes and shapes), then all their bytes in one buffer."""
     if dist.get_world_size(group) == 1:
         return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
-    meta = [None]
-    if dist.get_rank() == src:
-        meta = [[(k, tuple(batch[k].shape), batch[k].dtype) for k in keys if k in batch]]
-    dist.broadcast_object_list(meta, src=src, group=group, device=device)
+    is_src = dist.get_rank() == src
+    header = (_header(batch, keys) if is_src else torch.zeros(_HEADER, dtype=torch.int64)).to(device)
+    dist.broadcast(header, src=src, group=group)
+    specs = header[1:].view(-1, _FIELDS)[: int(header[0])].tolist()
+    shapes = [(keys[k], _DTYPES[d], tuple(dims[:n])) for k, d, n, *dims in specs]
+    sizes = [math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for _, dtype, shape in shapes]
+    if is_src:
+        payload = torch.cat([batch[key].contiguous().reshape(-1).view(torch.uint8) for key, _, _ in shapes]).to(device)
+    else:
+        payload = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    if payload.numel():
+        dist.broadcast(payload, src=src, group=group)
     out = {}
-    for key, shape, dtype in meta[0]:
-        wire = torch.uint8 if dtype == torch.bool else dtype
-        if dist.get_rank() == src:
-            tensor = batch[key].to(device=device, dtype=wire).contiguous()
-        else:
-            tensor = torch.empty(shape, dtype=wire, device=device)
-        if tensor.numel():  # e.g. a text-only micro-batch's [B, 0, 3, 0, 0] images
-            dist.broadcast(tensor, src=src, group=group)
-        out[key] = tensor.to(torch.bool) if dtype == torch.bool else tensor
+    for (key, dtype, shape), part in zip(shapes, payload.split(sizes)):
+        out[key] = part.view(dtype).reshape(shape)
     return out
 
 
