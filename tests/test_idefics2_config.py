@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_patch.models.idefics2.config import ParallelOptions, build_configs, layers_per_stage, validate_layout
+from megatron_patch.models.idefics2.config import (
+    ParallelOptions,
+    build_configs,
+    check_sequence_length,
+    layers_per_stage,
+    tied_word_embeddings,
+    validate_layout,
+)
 from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
 
 
@@ -47,3 +54,51 @@ def test_unsupported_rope_scaling_is_refused():
     config.text_config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
         build_configs(config, ParallelOptions())
+
+
+def _one_line_error(fn, *args, match: str) -> str:
+    with pytest.raises(ValueError, match=match) as info:
+        fn(*args)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("text", ["mistral", "llama"])
+def test_sliding_window_shorter_than_the_sequence_is_refused(text):
+    config = tiny_idefics2_config(text)
+    check_sequence_length(config, 1 << 20)  # no window (Mistral's null, or Llama's none at all)
+    config.text_config.sliding_window = 16
+    check_sequence_length(config, 16)  # the window covers the whole sequence: same attention
+    message = _one_line_error(check_sequence_length, config, 17, match="--seq-length 17")
+    assert "text_config.sliding_window (16)" in message
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_function_decides_the_tied_head_for_model_and_mapping(tied):
+    from megatron_patch.models.idefics2.weight_mapping import HF_EMBED_TOKENS, HF_LM_HEAD, tensor_mappings
+
+    config = tiny_idefics2_config("llama", tie_word_embeddings=tied)
+    assert tied_word_embeddings(config) is tied
+    assert build_configs(config, ParallelOptions()).tie_word_embeddings is tied
+    head = next(m for m in tensor_mappings(config) if m.mcore == "language_model.output_layer.weight")
+    assert head.hf == ((HF_EMBED_TOKENS,) if tied else (HF_LM_HEAD,))
+
+
+@pytest.mark.parametrize("top,text", [(False, True), (True, False)])
+def test_tied_flags_that_disagree_are_refused(top, text):
+    from megatron_patch.models.idefics2.weight_mapping import tensor_mappings
+
+    config = tiny_idefics2_config("mistral", tie_word_embeddings=top)
+    config.text_config.tie_word_embeddings = text
+    match = f"tie_word_embeddings={top} but text_config.tie_word_embeddings={text}"
+    for fn, args in ((tied_word_embeddings, (config,)), (validate_layout, (config, ParallelOptions())),
+                     (build_configs, (config, ParallelOptions())), (tensor_mappings, (config,))):
+        _one_line_error(fn, *args, match=match)
+
+
+@pytest.mark.parametrize("flag", ["attention_bias", "mlp_bias"])
+def test_text_linear_biases_are_refused_by_the_config_builder(flag):
+    config = tiny_idefics2_config("llama")
+    setattr(config.text_config, flag, True)
+    _one_line_error(validate_layout, config, ParallelOptions(), match=f"text_config.{flag} is true")
+    _one_line_error(build_configs, config, ParallelOptions(), match=f"text_config.{flag} is true")

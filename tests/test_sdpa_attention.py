@@ -1,17 +1,19 @@
 """SDPAttention gives megatron-core's unfused DotProductAttention's numbers (forward and input grads)
-for causal GQA, the vision tower's key-padding mask and the packed rows' block-diagonal mask, at TP=1
-and with the TP-local head counts of TP=2."""
+for causal GQA, the vision tower's key-padding mask, an explicit block-diagonal mask and packed rows
+as segments (against the unfused path with the block-diagonal mask), at TP=1 and with the TP-local
+head counts of TP=2."""
 from __future__ import annotations
 
 import pytest
 import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_patch.models.idefics2.layer_specs import _layer_spec, vision_block_spec
 from megatron_patch.models.idefics2.model import packed_causal_mask
-from megatron_patch.models.idefics2.sdpa_attention import SDPAttention
+from megatron_patch.models.idefics2.sdpa_attention import SDPAttention, row_segments
 from megatron_patch.platform import init_distributed
 from tests.distributed_harness import run_distributed
 
@@ -26,6 +28,11 @@ def _config(groups: int, tp: int, **extra) -> TransformerConfig:
     )
 
 
+# Packed rows: segments of 5, 11, 8 and 10, 1, 13 tokens; and one that runs over the row end (the
+# dense mask cuts it per row, and so must the segments).
+_PACKED = {"packed": [0, 5, 16, 24, 34, 35, 48], "crossing": [0, 5, 30, 48]}
+
+
 def _mask(kind: str) -> tuple[AttnMaskType, torch.Tensor | None]:
     """(layer mask type, megatron-core mask with True = masked) of each case."""
     if kind == "causal":
@@ -36,8 +43,8 @@ def _mask(kind: str) -> tuple[AttnMaskType, torch.Tensor | None]:
     if kind == "dense_padding":  # the same as [b, 1, s, s]
         _, mask = _mask("padding")
         return AttnMaskType.padding, mask.expand(BATCH, 1, SEQ, SEQ).contiguous()
-    if kind == "packed":  # rows holding segments of 5, 11, 8 and 10, 1, 13 tokens
-        cu = torch.tensor([0, 5, 16, 24, 34, 35, 48], dtype=torch.int32)
+    if kind in _PACKED or kind.startswith("segments_"):
+        cu = torch.tensor(_PACKED[kind.removeprefix("segments_")], dtype=torch.int32)
         return AttnMaskType.causal, packed_causal_mask(cu, BATCH, SEQ)
     raise KeyError(kind)
 
@@ -57,10 +64,17 @@ def compare_case(tp: int, kind: str, groups: int, softmax_scale, training: bool)
     k = torch.randn(SEQ, BATCH, kv, DIM, generator=g)
     v = torch.randn(SEQ, BATCH, kv, DIM, generator=g)
     grad_out = torch.randn(SEQ, BATCH, heads * DIM, generator=g)
+    # "segments_*": ours gets the packed rows as segments (no mask), the reference the dense mask.
+    packed = None
+    if kind.startswith("segments_"):
+        packed = row_segments(torch.tensor(_PACKED[kind.removeprefix("segments_")], dtype=torch.int32), BATCH, SEQ)
     results = []
     for module in (ours, reference):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = module(*inputs, mask)
+        if module is ours and packed is not None:
+            out = module(*inputs, None, packed_seq_params=packed)
+        else:
+            out = module(*inputs, mask)
         assert out.shape == (SEQ, BATCH, heads * DIM)
         out.backward(grad_out)
         results.append([out.detach()] + [t.grad for t in inputs])
@@ -76,6 +90,9 @@ def compare_case(tp: int, kind: str, groups: int, softmax_scale, training: bool)
         ("padding", HEADS, None, False),
         ("dense_padding", GROUPS, None, False),
         ("packed", GROUPS, None, True),
+        ("segments_packed", GROUPS, None, False),
+        ("segments_crossing", GROUPS, 0.3, True),
+        ("segments_crossing", HEADS, None, False),
     ],
 )
 def test_matches_unfused_dot_product_attention(tp, kind, groups, softmax_scale, training):
@@ -101,6 +118,16 @@ def test_refuses_what_it_cannot_compute():
         ours(q, kv, kv, torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="query heads"):
         ours(q[:, :, :4], kv, kv, None)
+    with pytest.raises(ValueError, match="qkv_format 'thd'"):
+        ours(q, kv, kv, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(ValueError, match="pad tokens included"):
+        row_segments(torch.tensor([0, 3, 7], dtype=torch.int32), 2, 4)
+
+
+def test_row_segments_split_at_row_ends():
+    params = row_segments(torch.tensor([0, 5, 30, 48], dtype=torch.int32), BATCH, SEQ)
+    assert params.qkv_format == "sbhd" and params.max_seqlen_q == params.max_seqlen_kv == SEQ
+    assert params.cu_seqlens_q.tolist() == [0, 5, 24, 30, 48]
 
 
 class _FakeGroup:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_patch.models.idefics2.config import tied_word_embeddings
 from megatron_patch.models.idefics2.weight_mapping import PipelineLayout, hf_tensor_names, hf_to_mcore, tensor_mappings
 
 
@@ -24,7 +25,7 @@ def hf_tensor_shapes(hf_config) -> dict[str, tuple]:
 def rank_tensor_shapes(hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None) -> dict[tuple, dict[str, tuple]]:
     """(pipeline stage, TP rank) -> {local canonical name: shape} for a checkpoint at this layout."""
     hf_shapes = hf_shapes or hf_tensor_shapes(hf_config)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_word_embeddings(hf_config)
     out = {(s, r): {} for s in range(layout.pipeline_size) for r in range(tp_size)}
     for m in tensor_mappings(hf_config):
         meta = [torch.empty(hf_shapes[name], device="meta") for name in m.hf]

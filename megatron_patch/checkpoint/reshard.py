@@ -20,7 +20,7 @@ from megatron_patch.checkpoint.errors import CheckpointError
 from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.checkpoint.layout import Iteration, rank_dir_name, resolve_iteration
 from megatron_patch.checkpoint.model_files import INDEX_FILE, RankReader
-from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
+from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings, validate_layout
 from megatron_patch.models.idefics2.weight_mapping import TensorMapping, mcore_to_hf, tensor_mappings
 
 
@@ -40,7 +40,7 @@ class ShardedCheckpoint:
             validate_layout(self.hf_config, self.info.parallel_options())
         except ValueError as err:
             raise CheckpointError(f"{self.dir}: saved layout does not fit its config: {err}") from None
-        self.tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        self.tied = tied_word_embeddings(self.hf_config)
         self._readers: dict[tuple, RankReader] = {}
         self._source: dict[str, tuple] = {}  # HF name -> (mapping, stage, local) it is merged from
         for m in tensor_mappings(self.hf_config):

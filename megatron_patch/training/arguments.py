@@ -418,10 +418,11 @@ def _token_ids(path: str, stamp: tuple) -> tuple:
 
 
 def _check_model(args, hf_config, world_size: int) -> None:
-    from megatron_patch.models.idefics2.config import validate_layout
+    from megatron_patch.models.idefics2.config import check_sequence_length, validate_layout
 
     try:
         validate_layout(hf_config, parallel_options(args), world_size)
+        check_sequence_length(hf_config, args.seq_length)
     except ValueError as err:
         raise ArgumentError(str(err)) from None
     latents = hf_config.perceiver_config.resampler_n_latents

@@ -63,6 +63,9 @@ def paths(tmp_path_factory):
     p["cfg_notok"] = model_dir("model_notok", tokenizer=False) / "config.json"
     p["cfg_badimage"] = model_dir("model_badimage", cfg=_config(image_token_id=FAKE - 1)) / "config.json"
     p["cfg_smallvocab"] = model_dir("model_smallvocab", cfg=_config(vocab_size=IMAGE + 1)) / "config.json"
+    windowed = _config()
+    windowed.text_config.sliding_window = 32  # below the --seq-length 64 of BASE
+    p["cfg_window"] = model_dir("model_window", cfg=windowed) / "config.json"
     (root / "model_llama").mkdir()
     p["cfg_llama"] = root / "model_llama" / "config.json"
     p["cfg_llama"].write_text(json.dumps({"model_type": "llama"}))
@@ -251,6 +254,7 @@ BAD = [
     ("pack_with_te", {"--pack-sequences": True, "--transformer-impl": "transformer_engine"}, 1, "--pack-sequences"),
     ("finetune_no_load", {"--finetune": True}, 1, "--finetune needs --load"),
     ("image_seq_len", {"--image-seq-len": "8"}, 1, "--image-seq-len 8 differs from the model's perceiver latents (4)"),
+    ("sliding_window", {"--model-config": "{cfg_window}"}, 1, "--seq-length 64 exceeds text_config.sliding_window (32)"),
 ]
 
 

@@ -4,7 +4,11 @@ One Idefics2 model is four megatron-core configs: the SigLIP vision tower, the m
 the perceiver resampler and the language model. All four share the parallel settings; only the
 language model is split over pipeline stages (vision and connector live on the first stage).
 
-`validate_layout` runs before anything is built and fails with one line saying what to change.
+`validate_layout` runs before anything is built and fails with one line saying what to change; it
+also refuses HF config settings the model does not implement (biases in the text model's linears, a
+tied-head flag that disagrees with itself). `check_sequence_length` refuses a --seq-length the model
+would attend over differently from transformers (Mistral's sliding window). Whether the head is tied
+is decided by `tied_word_embeddings` alone.
 """
 from __future__ import annotations
 
@@ -90,6 +94,49 @@ def layers_per_stage(num_layers: int, pp: int, first_stage_layers: Optional[int]
     return [first_stage_layers] + [rest] * (pp - 1)
 
 
+def tied_word_embeddings(hf_config) -> bool:
+    """Whether the LM head shares the token embedding. The one place that decides it: the model, the
+    weight mapping, loading and the converters all ask here.
+
+    transformers' Idefics2 ties by the top-level `tie_word_embeddings`; `text_config` carries its own
+    flag, and a config where the two differ is refused rather than guessed at.
+    """
+    top = bool(getattr(hf_config, "tie_word_embeddings", False))
+    text = getattr(hf_config.text_config, "tie_word_embeddings", None)
+    if text is not None and bool(text) != top:
+        raise ValueError(
+            f"config tie_word_embeddings={top} but text_config.tie_word_embeddings={bool(text)}; "
+            f"set both to the same value (true when lm_head.weight is the token embedding)"
+        )
+    return top
+
+
+def check_sequence_length(hf_config, seq_length: int) -> None:
+    """Raise ValueError (one line) when `seq_length` tokens would not attend as in transformers.
+
+    Mistral's sliding-window attention (`text_config.sliding_window`, 4096 in transformers' default
+    Mistral config) lets a token see only the last `sliding_window` tokens; this model attends over
+    the whole (causal) sequence, which is the same computation only while the sequence fits the window.
+    """
+    window = getattr(hf_config.text_config, "sliding_window", None)
+    if window is not None and seq_length > window:
+        raise ValueError(
+            f"--seq-length {seq_length} exceeds text_config.sliding_window ({window}): sliding-window "
+            f"attention is not implemented; use --seq-length <= {window} or a config with sliding_window null"
+        )
+
+
+def _check_text_features(text_config) -> None:
+    """Refuse text-model features the megatron-core configs built here do not express."""
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(text_config, flag, False):
+            raise ValueError(
+                f"text_config.{flag} is true, but biases in the language model's "
+                f"{'attention' if flag == 'attention_bias' else 'MLP'} linears are not supported; "
+                f"use a checkpoint without them"
+            )
+
+
 def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] = None) -> None:
     """Raise ValueError (one line, naming the flag) when `opts` cannot lay out this model."""
     tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
@@ -142,6 +189,8 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
         act = getattr(cfg, "hidden_act", None)
         if act not in _ACTIVATIONS:
             raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+    _check_text_features(t)
+    tied_word_embeddings(hf_config)
 
 
 def _rope_theta(text_config) -> float:
@@ -246,5 +295,5 @@ def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
         patch_size=v.patch_size,
         image_size=v.image_size,
         rotary_base=_rope_theta(t),
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False) or getattr(t, "tie_word_embeddings", False)),
+        tie_word_embeddings=tied_word_embeddings(hf_config),
     )

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
 from megatron_patch.models.idefics2.connector import Connector
 from megatron_patch.models.idefics2.layer_specs import language_block_spec
+from megatron_patch.models.idefics2.sdpa_attention import row_segments
 from megatron_patch.models.idefics2.varlen_attention import segment_ids
 from megatron_patch.models.idefics2.vision import VisionTransformer, patch_attention_mask
 
@@ -28,7 +29,8 @@ class ImageTokenMismatch(ValueError):
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
     """megatron-core attention mask [b, 1, s, s] (True = masked) for packed rows: causal inside each
-    segment of `cu_seqlens` (boundaries over the b-major flattened [b * s] tokens), nothing across."""
+    segment of `cu_seqlens` (boundaries over the b-major flattened [b * s] tokens), nothing across.
+    The dense form of `sdpa_attention.row_segments`, which the model uses; kept as its reference."""
     segment = segment_ids(cu_seqlens, batch_size * seq_len).view(batch_size, 1, seq_len)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment.device).tril()
     return ~((segment.transpose(1, 2) == segment) & causal).unsqueeze(1)
@@ -164,10 +166,11 @@ class Idefics2Model(MegatronModule):
                     "--pack-sequences is not supported with transformer-engine layers yet; "
                     "build the model with local layers (ParallelOptions(use_transformer_engine=False))"
                 )
-            # Local attention takes no THD params; an explicit block-diagonal causal mask is the same
-            # computation. RoPE needs no restart per sample: its scores depend only on relative offsets.
-            attention_mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, *input_ids.shape)
-            packed_seq_params = None
+            # Local (SDPA) attention runs each sample's segment of the [b, s] rows on its own (sbhd
+            # segments, no [s, s] mask). RoPE needs no restart per sample: its scores depend only on
+            # relative offsets.
+            packed_seq_params = row_segments(packed_seq_params.cu_seqlens_q, *input_ids.shape)
+            attention_mask = None
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, position_ids, pixel_values, pixel_attention_mask, image_mask)

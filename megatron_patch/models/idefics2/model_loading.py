@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state
 
-from megatron_patch.models.idefics2.config import ParallelOptions
+from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings
 from megatron_patch.models.idefics2.layer_specs import canonical_to_module_name, module_to_canonical_name
 from megatron_patch.models.idefics2.weight_mapping import (
     PipelineLayout,
@@ -28,7 +28,7 @@ def pipeline_layout(hf_config, opts: ParallelOptions) -> PipelineLayout:
 def stage_mappings(hf_config, opts: ParallelOptions, stage: int) -> dict[str, TensorMapping]:
     """Local canonical name -> mapping, for the tensors pipeline stage `stage` holds."""
     layout = pipeline_layout(hf_config, opts)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_word_embeddings(hf_config)
     out = {}
     for m in tensor_mappings(hf_config):
         for s, local in layout.placements(m, tied):
@@ -86,7 +86,7 @@ def assemble_hf_tensors(
     A tied head is held on the first and the last stage: for weights the copies are equal and the
     first is kept; for gradients pass `sum_tied=True`, since the true gradient is their sum.
     """
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_word_embeddings(hf_config)
     out: dict[str, torch.Tensor] = {}
     for m in tensor_mappings(hf_config):
         for stage, local in layout.placements(m, tied):

@@ -8,7 +8,11 @@ only blocks of scores alive. The numbers are those of the unfused path:
 - causal self-attention without an explicit mask: `is_causal=True` (no `[s, s]` mask is made);
 - grouped-query attention: `enable_gqa=True`, so K/V are not repeated per query head;
 - an explicit megatron-core mask (bool, True = masked; [b, 1, 1, s] key padding for the vision tower,
-  [b, 1, s, s] block-diagonal causal for packed rows) becomes SDPA's keep-mask (True = attend).
+  or any [b, 1, s, s]) becomes SDPA's keep-mask (True = attend);
+- packed rows (several samples per row) come as `PackedSeqParams(qkv_format="sbhd")` with segment
+  boundaries (`row_segments`): each segment is gathered into a padded batch [segments, heads, longest,
+  dim] and run with `is_causal=True`, so no [s, s] mask exists and the work is segments x longest^2.
+  A real query of a segment padded at its end sees only earlier keys, all real: no mask is needed.
 
 The unfused path fills masked scores with -10000 rather than -inf; the two agree except on a query row
 whose every key is masked, which none of this model's masks produce (a vision image has at least one
@@ -22,11 +26,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_patch.models.idefics2.varlen_attention import segment_ids
 
 # `enable_gqa` arrived in torch 2.5; older torch repeats K/V per query head as the unfused path does.
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -42,6 +49,30 @@ def keep_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             f"got dtype {attention_mask.dtype}"
         )
     return ~attention_mask
+
+
+def row_segments(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> PackedSeqParams:
+    """Packed rows [b, s] as SDPAttention's segment params: `cu_seqlens` (boundaries over the b-major
+    flattened [b * s] tokens, covering all of them) split at every row end too, so that no segment
+    crosses rows; `max_seqlen_*` is the row length (megatron-core sizes RoPE by it; positions run
+    along the row, as without packing)."""
+    rows = torch.arange(0, batch_size * seq_len + 1, seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != batch_size * seq_len:
+        raise ValueError(
+            f"cu_seqlens must run from 0 to batch x seq_length = {batch_size * seq_len} (pad tokens included), "
+            f"got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}"
+        )
+    cu = torch.unique(torch.cat([cu_seqlens, rows]))  # sorted
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_len,
+                           max_seqlen_kv=seq_len)
+
+
+def _segments_padded(x: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, num: int, longest: int) -> torch.Tensor:
+    """[s, b, h, d] -> [num, h, longest, d]: each segment of the b-major flattened tokens, zero padded."""
+    flat = x.transpose(0, 1).reshape(-1, *x.shape[2:])
+    out = flat.new_zeros(num, longest, *x.shape[2:])
+    out[seg, pos] = flat
+    return out.transpose(1, 2)
 
 
 class SDPAttention(MegatronModule):
@@ -107,10 +138,10 @@ class SDPAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn]."""
-        if packed_seq_params is not None:
+        if packed_seq_params is not None and packed_seq_params.qkv_format != "sbhd":
             raise ValueError(
-                "SDPA core attention takes packed rows as an explicit block-diagonal attention mask, "
-                "not as packed_seq_params (THD)"
+                f"SDPA core attention takes packed rows as sbhd segments (row_segments), "
+                f"not qkv_format {packed_seq_params.qkv_format!r}"
             )
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by the SDPA core attention")
@@ -123,8 +154,33 @@ class SDPAttention(MegatronModule):
         if is_causal and sq != sk:
             raise ValueError(f"causal self-attention needs as many queries as keys, got {sq} and {sk}")
 
+        if packed_seq_params is not None:
+            if attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("packed rows (sbhd segments) are causal and take no attention mask")
+            return self._segments_forward(query, key, value, packed_seq_params.cu_seqlens_q)
         # [s, b, h, d] -> [b, h, s, d] (views; SDPA accepts the strides)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        return self._attend(q, k, v, keep_mask(attention_mask), is_causal).permute(2, 0, 1, 3).reshape(
+            sq, query.shape[1], self.hidden_size_per_partition
+        )
+
+    def _segments_forward(self, query, key, value, cu_seqlens) -> torch.Tensor:
+        """Causal attention inside each segment of the b-major flattened rows -> [s, b, np * hn]."""
+        s, b = query.shape[:2]
+        if key.shape[0] != s:
+            raise ValueError(f"packed rows need as many keys as queries, got {key.shape[0]} and {s}")
+        total = s * b
+        seg = segment_ids(cu_seqlens, total)
+        pos = torch.arange(total, device=query.device) - cu_seqlens[seg].long()
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        num, longest = lengths.numel(), int(lengths.max())
+        q, k, v = (_segments_padded(t, seg, pos, num, longest) for t in (query, key, value))
+        context = self._attend(q, k, v, None, is_causal=longest > 1)  # [num, h, longest, d]
+        context = context.transpose(1, 2)[seg, pos]  # [b * s, h, d]
+        return context.reshape(b, s, self.hidden_size_per_partition).transpose(0, 1).contiguous()
+
+    def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        """SDPA on [b, h, s, d] with GQA, scale and (in training) dropout -> [b, h, sq, d]."""
         gqa = {}
         if q.shape[1] != k.shape[1]:
             if _HAS_ENABLE_GQA:
@@ -137,18 +193,15 @@ class SDPAttention(MegatronModule):
         def attend():
             return F.scaled_dot_product_attention(
                 q, k, v,
-                attn_mask=keep_mask(attention_mask),
+                attn_mask=mask,
                 dropout_p=dropout_p,
                 is_causal=is_causal,
-                scale=None,
+                scale=self.softmax_scale,
                 **gqa,
             )
 
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             # Same RNG stream as the unfused path: TP ranks hold different heads, so they drop differently.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = attend()
-        else:
-            context = attend()
-        # [b, h, sq, d] -> [sq, b, h * d]
-        return context.permute(2, 0, 1, 3).reshape(sq, context.shape[0], self.hidden_size_per_partition)
+                return attend()
+        return attend()

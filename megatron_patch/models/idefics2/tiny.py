@@ -23,7 +23,8 @@ _TEXT = {
 def tiny_idefics2_config(text: str = "mistral", tie_word_embeddings: bool = False, vocab_size: int | None = None,
                          **overrides) -> Idefics2Config:
     """A 2-4 layer Idefics2 config; `text` is 'mistral' or 'llama'; `vocab_size` to fit a real tokenizer."""
-    text_config = dict(_TEXT[text])
+    # The text model's own flag agrees with the top-level one (config.tied_word_embeddings refuses a mismatch).
+    text_config = dict(_TEXT[text], tie_word_embeddings=tie_word_embeddings)
     if vocab_size is not None:
         text_config["vocab_size"] = vocab_size
     vocab = text_config["vocab_size"]

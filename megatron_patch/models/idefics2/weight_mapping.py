@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_patch.models.idefics2.config import layers_per_stage, padded_vocab_size
+from megatron_patch.models.idefics2.config import layers_per_stage, padded_vocab_size, tied_word_embeddings
 
 REPLICATED, COLUMN, ROW, VOCAB, GATED, QKV, KV = "replicated", "column", "row", "vocab", "gated", "qkv", "kv"
 
@@ -119,7 +119,7 @@ def tensor_mappings(hf_config) -> list[TensorMapping]:
     for i in range(t.num_hidden_layers):
         rows += _rows(_LANGUAGE_LAYER, f"language_model.decoder.layers.{i}.", f"{HF_TEXT_PREFIX}layers.{i}.", heads=text_heads, layer=i, place="layer")
     rows.append(TensorMapping("language_model.decoder.final_layernorm.weight", (HF_TEXT_PREFIX + "norm.weight",), REPLICATED, place="last"))
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_word_embeddings(hf_config)
     head = HF_EMBED_TOKENS if tied else HF_LM_HEAD
     rows.append(TensorMapping("language_model.output_layer.weight", (head,), VOCAB, vocab=vocab, place="last"))
     return rows

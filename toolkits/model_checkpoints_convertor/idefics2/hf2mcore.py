@@ -44,7 +44,7 @@ from megatron_patch.checkpoint.publish import publish  # noqa: E402
 from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
 from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
 from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders  # noqa: E402
-from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout  # noqa: E402
+from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings, validate_layout  # noqa: E402
 from megatron_patch.models.idefics2.weight_mapping import (  # noqa: E402
     HF_EMBED_TOKENS,
     HF_LM_HEAD,
@@ -133,7 +133,7 @@ def convert(args: argparse.Namespace) -> str:
     budget = parse_size(args.memory_budget)
     reader = HFWeightsReader(load)
     hf_shapes = hf_tensor_shapes(hf_config)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_word_embeddings(hf_config)
     redundant = check_source(reader, hf_shapes, tied)
     info = CheckpointInfo(RELEASE, tp, pp, opts.decoder_first_pipeline_num_layers, created_by=PROG)
     check_save_path(save, info, args.overwrite)

@@ -38,6 +38,7 @@ from megatron_patch.checkpoint.plan import hf_tensor_shapes  # noqa: E402
 from megatron_patch.checkpoint.publish import publish  # noqa: E402
 from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
 from megatron_patch.checkpoint.verify import require_used_once  # noqa: E402
+from megatron_patch.models.idefics2.config import tied_word_embeddings  # noqa: E402
 from megatron_patch.models.idefics2.weight_mapping import (  # noqa: E402
     HF_CONNECTOR_PREFIX,
     HF_EMBED_TOKENS,
@@ -193,7 +194,7 @@ def compose(args: argparse.Namespace) -> str:
     llm, vision = HFWeightsReader(llm_path), HFWeightsReader(vision_path)
     processor = build_processor(llm_path, vision_path, args.perceiver_latents, args.pad_token)
     config = build_config(llm_config, vision_config, processor.tokenizer, args)
-    tied, vocab = config.tie_word_embeddings, config.text_config.vocab_size
+    tied, vocab = tied_word_embeddings(config), config.text_config.vocab_size
     embed = next((n for n in llm.names() if n.endswith("embed_tokens.weight")), None)
     if embed is None:
         raise CheckpointError(f"--llm-path {llm_path} has no embed_tokens.weight tensor")
