@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -61,7 +61,6 @@ class TrainState:
     consumed_samples: int = 0
     skipped_iterations: int = 0
     nan_iterations: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _rank() -> int:

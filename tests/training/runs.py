@@ -78,8 +78,9 @@ def loaded_optimizer_state(flags: list) -> dict | None:
 
 
 def _gather_states(per_key: dict, ctx):
-    from megatron_patch.models.idefics2.weight_mapping import mcore_to_hf, tensor_mappings
+    from megatron_patch.models.idefics2.config import tied_word_embeddings
     from megatron_patch.models.idefics2.model_loading import pipeline_layout
+    from megatron_patch.models.idefics2.weight_mapping import mcore_to_hf, tensor_mappings
 
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(per_key, gathered, dst=0)
@@ -87,7 +88,7 @@ def _gather_states(per_key: dict, ctx):
         return None
     layout = pipeline_layout(ctx.hf_config, ctx.opts)
     tp_size = ctx.opts.tensor_model_parallel_size
-    tied = bool(getattr(ctx.hf_config, "tie_word_embeddings", False))
+    tied = tied_word_embeddings(ctx.hf_config)
     out = {}
     for key in per_key:
         shards = {k: v for part in gathered for k, v in part[key].items()}
