@@ -52,16 +52,21 @@ def _broadcast(batch: Optional[dict], keys, src: int, group, device) -> dict:
     specs = header[1:].view(-1, _FIELDS)[: int(header[0])].tolist()
     shapes = [(keys[k], _DTYPES[d], tuple(dims[:n])) for k, d, n, *dims in specs]
     sizes = [math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for _, dtype, shape in shapes]
+    slots = [-(-size // 8) * 8 for size in sizes]  # 8-byte aligned, so every part views as its dtype
     if is_src:
-        payload = torch.cat([batch[key].contiguous().reshape(-1).view(torch.uint8) for key, _, _ in shapes]).to(device)
+        payload = torch.zeros(sum(slots), dtype=torch.uint8, device=device)
+        for (key, _, _), start, size in zip(shapes, _offsets(slots), sizes):
+            payload[start:start + size] = batch[key].detach().to(device).contiguous().reshape(-1).view(torch.uint8)
     else:
-        payload = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        payload = torch.empty(sum(slots), dtype=torch.uint8, device=device)
     if payload.numel():
         dist.broadcast(payload, src=src, group=group)
-    out = {}
-    for (key, dtype, shape), part in zip(shapes, payload.split(sizes)):
-        out[key] = part.view(dtype).reshape(shape)
-    return out
+    return {key: payload[start:start + size].view(dtype).reshape(shape)
+            for (key, dtype, shape), start, size in zip(shapes, _offsets(slots), sizes)}
+
+
+def _offsets(slots) -> list:
+    return [sum(slots[:i]) for i in range(len(slots))]
 
 
 def distribute(batch: Optional[dict], device) -> dict:

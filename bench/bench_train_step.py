@@ -1,0 +1,224 @@
+"""One training step of our Idefics2 against transformers' on the same model, weights, batch and dtype.
+
+Both models are built in one process from one Idefics2-shaped config (bigger than the tiny test model,
+still CPU-feasible): SigLIP vision 256 hidden x 4 layers (224 px images, patch 14 -> 256 patches),
+perceiver with 64 latents, Mistral-style LLM 512 hidden x 4 layers with GQA (8 heads, 2 key/value
+heads), vocabulary 4096. transformers' `Idefics2ForConditionalGeneration` (SDPA) is randomised with
+`randomize_weights` and copied into ours with the project's loader (`load_hf_weights`), at TP1 x PP1
+on a gloo world of 1, fp32.
+
+A step, for both: zero grads, forward with loss, backward, torch AdamW step over all parameters
+(ours: a plain torch AdamW over the megatron-core module's parameters, not megatron's optimizer).
+One micro-batch of 2 rows x seq, one 224 px image per row (<image> block at the start, random text
+after); labels are the next tokens. Before timing, the two losses are checked to agree (rel 1e-4).
+Rounds alternate (ours, transformers, ours, ...) per sequence length; medians are reported.
+
+    python bench/bench_train_step.py                          # seq 1024 and 2048, writes bench/results/train_step.json
+    python bench/bench_train_step.py --seqs 1024 --rounds 3 --profile 1024
+    python bench/bench_train_step.py --memory                 # also peak RSS growth of one step, fresh process each
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224, patch_size=14)
+TEXT = dict(
+    model_type="mistral", hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=64, vocab_size=4096, sliding_window=None, rope_theta=10000.0, tie_word_embeddings=False,
+)
+PERCEIVER = dict(hidden_size=512, resampler_n_latents=64, resampler_depth=2, resampler_n_heads=8, resampler_head_dim=64, num_key_value_heads=2)
+ROWS = 2
+
+
+def bench_config():
+    from transformers import Idefics2Config
+
+    vocab = TEXT["vocab_size"]
+    return Idefics2Config(vision_config=VISION, perceiver_config=PERCEIVER, text_config=TEXT, tie_word_embeddings=False,
+                          image_token_id=vocab - 2, fake_image_token_id=vocab - 3)
+
+
+def build_pair():
+    """(config, transformers model, our model) with the same weights; distributed state initialised."""
+    from transformers import Idefics2ForConditionalGeneration
+
+    from megatron_patch.models.idefics2.config import ParallelOptions
+    from megatron_patch.models.idefics2.tiny import randomize_weights
+    from megatron_patch.platform import init_distributed
+    from tests.idefics2_cases import build_from_hf
+
+    init_distributed(1, 1, seed=1234)
+    config = bench_config()
+    config._attn_implementation = "sdpa"
+    for sub in (config.vision_config, config.perceiver_config, config.text_config):
+        sub._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = Idefics2ForConditionalGeneration(config)
+    randomize_weights(hf, seed=0, scale=0.02)
+    ours = build_from_hf(config, hf, ParallelOptions(1, 1, use_transformer_engine=False))
+    return config, hf.train(), ours.train()
+
+
+def make_batch(config, seq: int, seed: int = 0) -> dict:
+    """2 rows x seq: [fake, <image> x latents, fake] then random text; one full 224 px image per row."""
+    g = torch.Generator().manual_seed(seed)
+    latents = config.perceiver_config.resampler_n_latents
+    size = config.vision_config.image_size
+    vocab = config.text_config.vocab_size
+    block = [config.fake_image_token_id] + [config.image_token_id] * latents + [config.fake_image_token_id]
+    text = torch.randint(0, vocab - 3, (ROWS, seq - len(block)), generator=g)  # ids below the special ones
+    input_ids = torch.cat([torch.tensor(block).expand(ROWS, -1), text], dim=1)
+    labels = torch.roll(input_ids, -1, dims=1)  # already shifted, as our loss expects
+    loss_mask = torch.ones(ROWS, seq)
+    loss_mask[:, -1] = 0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "position_ids": torch.arange(seq).unsqueeze(0).expand(ROWS, -1),
+        "pixel_values": torch.randn(ROWS, 1, 3, size, size, generator=g),
+        "pixel_attention_mask": torch.ones(ROWS, 1, size, size, dtype=torch.bool),
+        "image_mask": torch.ones(ROWS, 1, dtype=torch.bool),
+        "labels": labels,
+        "loss_mask": loss_mask,
+    }
+
+
+def hf_loss(hf, b):
+    return hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+              pixel_attention_mask=b["pixel_attention_mask"], labels=b["input_ids"]).loss
+
+
+def our_loss(ours, b):
+    per_token = ours(b["input_ids"], b["position_ids"], b["pixel_values"], b["pixel_attention_mask"], b["image_mask"],
+                     labels=b["labels"])
+    return (per_token.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
+
+
+def make_step(model, loss_fn, batch):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def check_losses(hf, ours, batch) -> dict:
+    with torch.no_grad():
+        a, b = float(hf_loss(hf, batch)), float(our_loss(ours, batch))
+    rel = abs(a - b) / abs(a)
+    if rel > 1e-4:
+        raise SystemExit(f"losses differ: transformers {a:.6f}, ours {b:.6f} (rel {rel:.2e} > 1e-4); not the same computation")
+    return {"transformers": a, "ours": b, "rel_diff": rel}
+
+
+def peak_rss_growth(impl: str, seq: int) -> float:
+    """MiB of peak-RSS growth over one step (after one warm-up step), in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--_memory-child", impl, str(seq)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(impl: str, seq: int) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    config, hf, ours = build_pair()
+    batch = make_batch(config, seq)
+    model, fn = (hf, hf_loss) if impl == "transformers" else (ours, our_loss)
+    other = ours if impl == "transformers" else hf
+    del other
+    step = make_step(model, fn, batch)
+    step()  # optimizer state and allocator warm
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def profile_step(step, top: int = 12) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "share": round(e.self_cpu_time_total / total, 3),
+             "calls": e.count} for e in events[:top]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="peak RSS growth of one step per impl and seq (fresh process each)")
+    p.add_argument("--profile", type=int, nargs="*", default=[], help="seq lengths to profile one step of each at")
+    p.add_argument("--out", default=str(REPO / "bench/results/train_step.json"))
+    p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._memory_child:
+        return _memory_child(args._memory_child[0], int(args._memory_child[1]))
+    os.environ["BENCH_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    config, hf, ours = build_pair()
+    params = {"transformers": sum(x.numel() for x in hf.parameters()), "ours": sum(x.numel() for x in ours.parameters())}
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {args.threads} threads",
+        "torch": torch.__version__, "dtype": "float32", "layout": "TP1 x PP1, gloo world of 1",
+        "optimizer": "torch.optim.AdamW over all parameters, both models", "rounds": args.rounds, "rows": ROWS,
+        "config": {"vision": VISION, "text": TEXT, "perceiver": PERCEIVER}, "parameters": params, "seqs": [],
+    }
+    for seq in args.seqs:
+        batch = make_batch(config, seq)
+        losses = check_losses(hf, ours, batch)
+        steps = {"ours": make_step(ours, our_loss, batch), "transformers": make_step(hf, hf_loss, batch)}
+        for fn in steps.values():
+            fn()  # warm-up, optimizer state created
+        times = {k: [] for k in steps}
+        for _ in range(args.rounds):
+            for name, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {
+            "seq": seq, "loss_check": losses,
+            "ours_ms": round(med["ours"] * 1e3, 1), "transformers_ms": round(med["transformers"] * 1e3, 1),
+            "ours_tokens_per_s": round(ROWS * seq / med["ours"], 1),
+            "transformers_tokens_per_s": round(ROWS * seq / med["transformers"], 1),
+            "ratio_transformers_over_ours": round(med["transformers"] / med["ours"], 3),
+            "ms_per_round": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
+        }
+        if seq in args.profile:
+            row["profile_top_self_cpu"] = {k: profile_step(fn) for k, fn in steps.items()}
+        del steps
+        if args.memory:
+            row["peak_rss_growth_mib"] = {k: round(peak_rss_growth(k, seq), 1) for k in ("ours", "transformers")}
+        result["seqs"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile_top_self_cpu"}), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n| seq | ours (ms) | transformers (ms) | ours tokens/s | transformers tokens/s | transformers / ours |")
+    print("|---|---|---|---|---|---|")
+    for r in result["seqs"]:
+        print(f"| {r['seq']:,} | {r['ours_ms']:,.0f} | {r['transformers_ms']:,.0f} | {r['ours_tokens_per_s']:,.0f} | "
+              f"{r['transformers_tokens_per_s']:,.0f} | {r['ratio_transformers_over_ours']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
