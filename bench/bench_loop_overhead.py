@@ -6,8 +6,8 @@ Times, side by side in one run and on the same pre-fetched micro-batches:
          (NaN agreement, grad norm, clipping, Adam, distributed-optimizer gather) + LR step + metrics
 Rounds alternate (bare, loop, bare, ...) so machine noise hits both alike; medians are reported.
 
-    python bench/bench_training_step.py                     # writes bench/results/training_step.json
-    python bench/bench_training_step.py --rounds 10 --out /tmp/t.json
+    python bench/bench_loop_overhead.py                     # writes bench/results/loop_overhead.json
+    python bench/bench_loop_overhead.py --rounds 10 --out /tmp/t.json
 """
 from __future__ import annotations
 
