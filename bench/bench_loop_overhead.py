@@ -91,7 +91,7 @@ def _prepare(root: Path) -> list:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "training_step.json"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "loop_overhead.json"))
     p.add_argument("--rank-main", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank_main is not None:
