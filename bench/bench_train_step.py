@@ -15,7 +15,7 @@ Rounds alternate (ours, transformers, ours, ...) per sequence length; medians ar
 
     python bench/bench_train_step.py                          # seq 1024 and 2048, writes bench/results/train_step.json
     python bench/bench_train_step.py --seqs 1024 --rounds 3 --profile 1024
-    python bench/bench_train_step.py --memory                 # also peak RSS growth of one step, fresh process each
+    python bench/bench_train_step.py --memory                 # also peak RSS growth of two steps, fresh process each
 """
 from __future__ import annotations
 
@@ -131,23 +131,29 @@ def check_losses(hf, ours, batch) -> dict:
 
 
 def peak_rss_growth(impl: str, seq: int) -> float:
-    """MiB of peak-RSS growth over one step (after one warm-up step), in a fresh process."""
+    """MiB of peak-RSS growth over two steps (the first creates the optimizer state) above the RSS
+    after building both models, in a fresh process (VmHWM: ru_maxrss would carry the parent's peak over fork)."""
     out = subprocess.run([sys.executable, __file__, "--_memory-child", impl, str(seq)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _memory_child(impl: str, seq: int) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     config, hf, ours = build_pair()
     batch = make_batch(config, seq)
-    model, fn = (hf, hf_loss) if impl == "transformers" else (ours, our_loss)
-    other = ours if impl == "transformers" else hf
-    del other
-    step = make_step(model, fn, batch)
-    step()  # optimizer state and allocator warm
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = make_step(hf, hf_loss, batch) if impl == "transformers" else make_step(ours, our_loss, batch)
+    del hf, ours
+    before = _vm_hwm_mib()
     step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    step()
+    print(_vm_hwm_mib() - before)
 
 
 def profile_step(step, top: int = 12) -> list:
@@ -166,7 +172,8 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory", action="store_true", help="peak RSS growth of one step per impl and seq (fresh process each)")
+    p.add_argument("--memory", action="store_true", help="peak RSS growth of two steps per impl and seq (fresh process each)")
+    p.add_argument("--memory-only", action="store_true", help="add --memory figures to the rows of an existing --out")
     p.add_argument("--profile", type=int, nargs="*", default=[], help="seq lengths to profile one step of each at")
     p.add_argument("--out", default=str(REPO / "bench/results/train_step.json"))
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -174,6 +181,14 @@ def main() -> None:
     if args._memory_child:
         return _memory_child(args._memory_child[0], int(args._memory_child[1]))
     os.environ["BENCH_THREADS"] = str(args.threads)
+    if args.memory_only:
+        result = json.loads(Path(args.out).read_text())
+        for row in result["seqs"]:
+            if row["seq"] in args.seqs:
+                row["peak_rss_growth_mib"] = {k: round(peak_rss_growth(k, row["seq"]), 1) for k in ("ours", "transformers")}
+                print(row["seq"], row["peak_rss_growth_mib"], flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     torch.set_num_threads(args.threads)
     config, hf, ours = build_pair()
     params = {"transformers": sum(x.numel() for x in hf.parameters()), "ours": sum(x.numel() for x in ours.parameters())}
