@@ -47,7 +47,8 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
         run_schedule(ctx, fixed.batches, forward_only=False)
 
     def loop():
-        meter.add(train_step(ctx, next_batches(ctx, data)))
+        micro = next_batches(ctx, data)
+        meter.add(train_step(ctx, micro), micro)
 
     times = {"bare": [], "loop": []}
     for _ in range(2):  # warm-up

@@ -23,7 +23,8 @@ from megatron_patch.platform import init_distributed
 from megatron_patch.platform.distributed import get_device
 from megatron_patch.training.batch_transport import loads_data
 from megatron_patch.training.arguments import ArgumentError, frozen_components, parallel_options
-from megatron_patch.training.checkpointing import TrainState, load_training_state, load_weights, loader_state_for_rank
+from megatron_patch.checkpoint import load_model_weights
+from megatron_patch.training.checkpointing import TrainState, load_training_state, loader_state_for_rank
 from megatron_patch.training.freezing import format_parameter_table, freeze, parameter_table
 from megatron_patch.training.metrics import progress
 from megatron_patch.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -97,7 +98,7 @@ def build_training(args) -> TrainingContext:
     ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table))
     if args.load:
         ctx.report(f"loading weights from {args.load} (iteration {args.load_iteration or 'from the tracker'})")
-        load_weights(model, args, opts)
+        load_model_weights(model, args.load, opts, iteration=args.load_iteration)
     ctx.model = wrap_ddp(model, args)
     if not args.skip_train:
         ctx.optimizer = build_optimizer(ctx.model, args)

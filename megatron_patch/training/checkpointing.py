@@ -32,7 +32,6 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_patch.checkpoint import (
     RELEASE,
     CheckpointError,
-    load_model_weights,
     load_pt,
     rank_dir_name,
     resolve_iteration,
@@ -129,13 +128,6 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
 
     return save_model_weights(ctx.model, args.save, state.iteration, ctx.hf_config, ctx.opts,
                               config_source=Path(args.tokenizer_dir), before_commit=extras)
-
-
-def load_weights(model, args, opts) -> Optional[int]:
-    """Fill the model from --load (any saved layout); None when training starts from random weights."""
-    if not args.load:
-        return None
-    return load_model_weights(model, args.load, opts, iteration=args.load_iteration)
 
 
 def _check_schedule(saved: dict, scheduler) -> None:

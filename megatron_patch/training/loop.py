@@ -60,8 +60,6 @@ class StepResult:
     grad_norm: float
     updated: bool
     loss_scale: float
-    text_tokens: int  # non-pad tokens this rank loaded (0 on ranks that load nothing)
-    shapes: BatchShapes  # of what this rank loaded, for the FLOP count
 
 
 def _sum_over_world(values: torch.Tensor) -> torch.Tensor:
@@ -74,8 +72,8 @@ def _sum_over_world(values: torch.Tensor) -> torch.Tensor:
 @dataclass
 class MicroBatches:
     batches: list  # this rank's share of each micro-batch, on its device
-    text_tokens: int
-    shapes: BatchShapes
+    text_tokens: int  # non-pad tokens this rank loaded (0 on ranks that load nothing)
+    shapes: BatchShapes  # of what this rank loaded, for the FLOP count
 
 
 def next_batches(ctx, data_iter, count: int | None = None) -> MicroBatches:
@@ -97,13 +95,12 @@ def train_step(ctx, micro: MicroBatches) -> StepResult:
     ctx.model.zero_grad_buffer()
     ctx.optimizer.zero_grad()
     reports = run_schedule(ctx, micro.batches, forward_only=False)
-    loss, tokens = loss_lib.reduce_loss(reports, ctx.device)
-    loss_ok = math.isfinite(loss) or not parallel_state.is_pipeline_last_stage()
+    loss_sum, tokens = loss_lib.reduce_loss(reports, ctx.device)
+    loss_ok = math.isfinite(loss_lib.per_token(loss_sum, tokens)) or not parallel_state.is_pipeline_last_stage()
     outcome = optimizer_step(ctx.optimizer, loss_ok, ctx.args.clip_grad, ctx.device)
     if outcome.updated:
         ctx.scheduler.step(increment=1)
-    return StepResult(loss * tokens if tokens else float("nan"), tokens, outcome.grad_norm, outcome.updated,
-                      outcome.loss_scale, micro.text_tokens, micro.shapes)
+    return StepResult(loss_sum, tokens, outcome.grad_norm, outcome.updated, outcome.loss_scale)
 
 
 @torch.no_grad()
@@ -126,7 +123,8 @@ def evaluate(ctx) -> dict:
     if data is not None:
         data.close()
     ctx.model.train()
-    loss, tokens = loss_lib.reduce_loss(reports, ctx.device)
+    loss_sum, tokens = loss_lib.reduce_loss(reports, ctx.device)
+    loss = loss_lib.per_token(loss_sum, tokens)
     return {"validation_loss": loss, "validation_ppl": math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss,
             "validation_tokens": int(tokens)}
 
@@ -151,15 +149,15 @@ class IntervalMeter:
         self.loss = torch.zeros(2, dtype=torch.float64)
         self.tokens, self.flops = 0, 0.0
 
-    def add(self, step: StepResult) -> None:
+    def add(self, step: StepResult, micro: MicroBatches) -> None:
         ctx = self.ctx
-        # One small reduction over DP: non-pad tokens and the batch shapes for the FLOP count.
-        counts = torch.cat([torch.tensor([step.text_tokens]), step.shapes.to_tensor()]).to(ctx.device)
+        # One small reduction over the loading ranks: non-pad tokens and the shapes for the FLOP count.
+        counts = torch.cat([torch.tensor([micro.text_tokens]), micro.shapes.to_tensor()]).to(ctx.device)
         counts = _sum_over_world(counts).cpu()
-        shapes = BatchShapes.from_tensor(counts[1:], step.shapes.seq_length)
+        shapes = BatchShapes.from_tensor(counts[1:], micro.shapes.seq_length)
         self.tokens += int(counts[0])
         self.flops += training_flops(ctx.hf_config, shapes, self.frozen)
-        if math.isfinite(step.loss_sum):
+        if math.isfinite(loss_lib.per_token(step.loss_sum, step.loss_tokens)):
             self.loss += torch.tensor([step.loss_sum, step.loss_tokens], dtype=torch.float64)
 
     def record(self, iteration: int, step: StepResult, state, bad_samples: int) -> dict:
@@ -169,7 +167,7 @@ class IntervalMeter:
         record = {
             "iteration": iteration,
             "consumed_samples": state.consumed_samples,
-            "lm_loss": loss_sum / tokens if tokens else float("nan"),
+            "lm_loss": loss_lib.per_token(loss_sum, tokens),
             "grad_norm": step.grad_norm,
             "lr": self.ctx.scheduler.get_lr({}),  # the schedule's value (a stage may hold no parameter group)
             "loss_scale": step.loss_scale,
@@ -214,10 +212,11 @@ def pretrain(ctx) -> dict:
         ctx.report(f"training from iteration {state.iteration} to {args.train_iters} "
                    f"({get_num_microbatches()} micro-batches of {args.micro_batch_size} per DP rank per iteration)")
         while state.iteration < args.train_iters:
-            step = train_step(ctx, next_batches(ctx, data))
+            micro = next_batches(ctx, data)
+            step = train_step(ctx, micro)
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
-            meter.add(step)
+            meter.add(step, micro)
             if not step.updated:
                 state.skipped_iterations += 1
                 state.nan_iterations += 1

@@ -30,13 +30,17 @@ def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
 
 
 def reduce_loss(reports: list, device) -> tuple[float, float]:
-    """(global per-token loss, global loss-token count) from the micro-batch reports of this rank,
-    summed over the data-parallel group. Only the last pipeline stage holds reports; its value is
-    what gets logged."""
+    """(sum of per-token losses, number of loss tokens) of this rank's micro-batch reports, summed
+    over the data-parallel group. Only the last pipeline stage holds reports; its value is what
+    gets logged. The loss is `per_token(*reduce_loss(...))`."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for report in reports:
         total += report[LOSS_KEY].to(device, torch.float64)
     if dist.is_initialized():
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    loss_sum, tokens = float(total[0]), float(total[1])
-    return (loss_sum / tokens if tokens > 0 else float("nan")), tokens
+    return float(total[0]), float(total[1])
+
+
+def per_token(loss_sum: float, tokens: float) -> float:
+    """The loss: NaN when there is no loss token at all."""
+    return loss_sum / tokens if tokens > 0 else float("nan")
