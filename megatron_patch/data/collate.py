@@ -20,6 +20,10 @@ pixel_values             [B, N, 3, H, W] float32      vision inputs, zero-padded
 pixel_attention_mask     [B, N, H, W] bool            True on real pixels
 image_mask               [B, N] bool                  True for real vision inputs (padding images
                                                       are never inferred from zero pixels)
+pixel_lut  (raw pixels)  [3, 256] float32             with ``raw_pixels``: pixel_values are the
+                                                      uint8 levels [B, N, 3, H, W] and this is the
+                                                      normaliser's table (``normalise_pixels``);
+                                                      absent when the batch has no image
 num_images               [B] int64                    real vision inputs per row
 cu_seqlens  (packed)     [S + 1] int32                sequence boundaries over the flattened
                                                       [B * L] tokens: each packed sample is one
@@ -30,7 +34,8 @@ max_seqlen  (packed)     [] int32                     longest segment
 Vision inputs of a row are in the order of its ``<image>`` blocks (packed samples: concatenated in
 sample order), which is the order the model merges them in. A sample's ``pixel_values`` are the
 encoder's uint8 ``PendingImage``s, normalised straight into the batch by ``pad_images``, or float
-``[3, h, w]`` tensors.
+``[3, h, w]`` tensors. Training collates ``raw_pixels``: the uint8 levels travel to the other ranks
+and to the GPU (4x fewer bytes than float32) and are normalised there, with the same numbers.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import torch
 from megatron_patch.data.image_processing import pad_images
 
 
-def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int) -> dict:
+def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int, raw_pixels: bool = False) -> dict:
     """Stack encoder outputs (``SampleEncoder.encode``) or packed sequences (``packing.pack``)."""
     if not samples:
         raise ValueError("collate got an empty list of samples")
@@ -70,7 +75,8 @@ def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int) -> dict
                 boundaries.append(row)
             if n < length:
                 boundaries.append((b + 1) * length)  # the padding tail attends only to itself
-    pixel_values, pixel_attention_mask, image_mask = pad_images([s["pixel_values"] for s in samples])
+    images = pad_images([s["pixel_values"] for s in samples], raw=raw_pixels)
+    pixel_values, pixel_attention_mask, image_mask = images[:3]
     out = {
         "tokens": tokens,
         "labels": labels,
@@ -82,6 +88,8 @@ def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int) -> dict
         "image_mask": image_mask,
         "num_images": torch.tensor([len(s["pixel_values"]) for s in samples], dtype=torch.int64),
     }
+    if raw_pixels and images[3] is not None:
+        out["pixel_lut"] = images[3]
     if packed:
         cu = torch.tensor(boundaries, dtype=torch.int32)
         out["cu_seqlens"] = cu
@@ -97,10 +105,10 @@ def empty_sample() -> dict:
 
 
 class Collator:
-    """``collate`` bound to one model's seq_length and pad token, for ``DataLoader(collate_fn=...)``."""
+    """``collate`` bound to one model's seq_length, pad token and pixel form, for ``DataLoader(collate_fn=...)``."""
 
-    def __init__(self, seq_length: int, pad_token_id: int):
-        self.seq_length, self.pad_token_id = int(seq_length), int(pad_token_id)
+    def __init__(self, seq_length: int, pad_token_id: int, raw_pixels: bool = False):
+        self.seq_length, self.pad_token_id, self.raw_pixels = int(seq_length), int(pad_token_id), raw_pixels
 
     def __call__(self, samples: Sequence[dict]) -> dict:
-        return collate(samples, self.seq_length, self.pad_token_id)
+        return collate(samples, self.seq_length, self.pad_token_id, self.raw_pixels)

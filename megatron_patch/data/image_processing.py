@@ -285,16 +285,19 @@ class Idefics2ImageTransform:
         return out
 
 
-def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]]):
+def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]], raw: bool = False):
     """Pad the vision inputs of a batch to one tensor, bottom/right, HF's layout.
 
     Each input is a ``PendingImage`` (normalised straight into its slot) or a float ``[3, h, w]``
-    tensor (copied as is).
+    tensor (copied as is). With ``raw``, pixel_values keep the ``PendingImage``s' uint8 levels
+    (4x fewer bytes to move between ranks and to the GPU); ``normalise_pixels`` on the device then
+    gives the float values bit for bit, through the normaliser's table returned as ``lut``.
 
-    Returns pixel_values [B, max_images, 3, H, W] float32 (zeros in padding),
-    pixel_attention_mask [B, max_images, H, W] bool (True on real pixels) and
+    Returns pixel_values [B, max_images, 3, H, W] float32 (uint8 with ``raw``; zeros in padding),
+    pixel_attention_mask [B, max_images, H, W] bool (True on real pixels),
     image_mask [B, max_images] bool (True for real images; padding images are never
-    inferred from their pixels). With no image in the batch, max_images, H and W are 0.
+    inferred from their pixels) and, with ``raw``, lut ([3, 256] float32, or None without images).
+    With no image in the batch, max_images, H and W are 0.
     """
     batch = len(per_sample)
     max_images = max((len(s) for s in per_sample), default=0)
@@ -303,17 +306,45 @@ def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]]):
     width = max((w for _, w in sizes), default=0)
     # numpy's zeros come from calloc: fresh zero pages, so only the bytes we write cost time,
     # where torch.zeros would first memset the whole (mostly overwritten) buffer.
-    pixel_values = torch.from_numpy(np.zeros((batch, max_images, 3, height, width), dtype=np.float32))
+    dtype = np.uint8 if raw else np.float32
+    pixel_values = torch.from_numpy(np.zeros((batch, max_images, 3, height, width), dtype=dtype))
     pixel_mask = torch.from_numpy(np.zeros((batch, max_images, height, width), dtype=np.bool_))
     image_mask = torch.zeros(batch, max_images, dtype=torch.bool)
     values = pixel_values.numpy()  # the same memory, for numpy writers
+    lut = None
     for b, images in enumerate(per_sample):
         for i, img in enumerate(images):
             h, w = img.shape[-2:]
-            if isinstance(img, PendingImage):
+            if raw:
+                if not isinstance(img, PendingImage):
+                    raise TypeError("raw pixel batches need the encoder's uint8 PendingImages, got a float tensor")
+                values[b, i, :, :h, :w] = img.pixels.transpose(2, 0, 1)
+                lut = img.normaliser.lut
+            elif isinstance(img, PendingImage):
                 img.write_to(values[b, i, :, :h, :w])  # normalised straight into its slot
             else:
                 pixel_values[b, i, :, :h, :w] = img
             pixel_mask[b, i, :h, :w] = True
             image_mask[b, i] = True
+    if raw:
+        return pixel_values, pixel_mask, image_mask, None if lut is None else torch.from_numpy(lut.copy())
     return pixel_values, pixel_mask, image_mask
+
+
+def normalise_pixels(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
+                     lut: Optional[torch.Tensor]) -> torch.Tensor:
+    """uint8 pixel_values of ``pad_images(raw=True)`` -> the float32 ones, on their device.
+
+    Each channel's level is looked up in the normaliser's [3, 256] table (HF's arithmetic per level),
+    so the result equals the CPU normalisation bit for bit; padding stays 0 as in HF's layout.
+    """
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values
+    if pixel_values.numel() == 0:
+        return pixel_values.float()
+    if lut is None:
+        raise ValueError("uint8 pixel_values need their normalisation table (pixel_lut)")
+    channel = torch.arange(3, device=pixel_values.device).view(3, 1, 1) * 256
+    flat = lut.to(device=pixel_values.device, dtype=torch.float32).reshape(-1)
+    values = torch.take(flat, pixel_values.long() + channel)
+    return values.masked_fill_(~pixel_attention_mask.bool().unsqueeze(2), 0.0)

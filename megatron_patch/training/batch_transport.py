@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 PIPELINE_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "cu_seqlens", "max_seqlen")
-IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_mask")
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_mask", "pixel_lut")
 
 
 def loads_data() -> bool:
@@ -78,7 +78,7 @@ def distribute(batch: Optional[dict], device) -> dict:
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         batch = {**_broadcast(batch, PIPELINE_KEYS, dist.get_global_rank(pp_group, 0), pp_group, device),
-                 **({k: batch[k] for k in IMAGE_KEYS} if loads_data() else {})}
+                 **({k: batch[k] for k in IMAGE_KEYS if k in batch} if loads_data() else {})}
     keys = PIPELINE_KEYS + (IMAGE_KEYS if parallel_state.is_pipeline_first_stage() else ())
     return _broadcast(batch, keys, tp_src, tp_group, device)
 

@@ -62,7 +62,7 @@ def build_data(ctx: TrainingContext) -> None:
         return
     encoder = encoder_from_args(args, args.tokenizer_dir)
     _check_image_seq_len(encoder, ctx.hf_config)
-    collate = Collator(args.seq_length, encoder.pad_token_id)
+    collate = Collator(args.seq_length, encoder.pad_token_id, raw_pixels=True)  # normalised on the device
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     args.consumed_train_samples = ctx.state.consumed_samples
     args.train_samples = None  # endless: every rank stops at --train-iters, never on an empty loader

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_patch.data.image_processing import normalise_pixels
 from megatron_patch.data.packing import packed_seq_params
 from megatron_patch.training.batch_transport import broadcast_count, distribute
 from megatron_patch.training import loss as loss_lib
@@ -86,8 +87,16 @@ def next_batches(ctx, data_iter, count: int | None = None) -> MicroBatches:
         if raw is not None:
             tokens += int(raw["attention_mask"].sum())
             shapes = shapes + BatchShapes.from_batch(raw, ctx.hf_config.vision_config.patch_size)
-        batches.append(distribute(raw, ctx.device))
+        batches.append(_float_pixels(distribute(raw, ctx.device)))
     return MicroBatches(batches, tokens, shapes)
+
+
+def _float_pixels(batch: dict) -> dict:
+    """The loader's uint8 pixels (collate's ``raw_pixels``) normalised here, on the device."""
+    if "pixel_values" in batch:
+        batch["pixel_values"] = normalise_pixels(batch["pixel_values"], batch["pixel_attention_mask"],
+                                                 batch.pop("pixel_lut", None))
+    return batch
 
 
 def train_step(ctx, micro: MicroBatches) -> StepResult:
