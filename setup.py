@@ -18,6 +18,7 @@ setup(
         "sentencepiece>=0.2",
         "protobuf>=4",
         "webdataset>=0.2.100",
+        "fsspec>=2023.1",  # --data-path URLs (s3:// also needs s3fs, gs:// gcsfs, ...)
         "numpy",
         "pillow",
         "tqdm",
@@ -26,7 +27,10 @@ setup(
     extras_require={
         # Evaluation and plots (toolkits/eval); sacrebleu adds BLEU when installed.
         "eval": ["rouge-score>=0.1.2", "matplotlib>=3.7"],
+        # megatron-energon interop: energon_prepare.py and reading with energon (docs/energon.md).
+        "energon": ["megatron-energon>=7"],
         # The test suite and the README's main job.
-        "test": ["pytest>=8", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7", "tensorboard>=2.14"],
+        "test": ["pytest>=8", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7", "tensorboard>=2.14",
+                 "megatron-energon>=7"],
     },
 )

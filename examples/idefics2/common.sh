@@ -7,7 +7,8 @@
 #                (default TRAIN_ITERS; a resume must keep it: to extend a run, raise TRAIN_ITERS
 #                and set LR_DECAY_ITERS to the old value)
 #   checkpoints  LOAD (must exist), SAVE, SAVE_INTERVAL (500), FINETUNE (1: --finetune), AUTO_RESUME (1)
-#   data         DATA_PATH ("dir" or a blend "0.7 dirA 0.3 dirB"), VALID_DATA_PATH (empty: no
+#   data         DATA_PATH ("dir" or a blend "0.7 dirA 0.3 dirB"; a dataset may also be a URL such
+#                as s3://bucket/ds or file:///abs/ds, see docs/data.md), VALID_DATA_PATH (empty: no
 #                validation), EVAL_INTERVAL (500), EVAL_ITERS (empty: the whole set), NUM_WORKERS (4)
 #   training     FREEZE (freeze flags), ANSWER_LOSS_ONLY (1: --answer-loss-only),
 #                DIST_FLAGS (--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32)
@@ -45,8 +46,9 @@ fi
 [[ -d "$LOAD" ]] || die "LOAD=$LOAD does not exist: convert a checkpoint there with hf2mcore.py"
 has_checkpoint "$LOAD" || die "LOAD=$LOAD holds no checkpoint (no latest_checkpointed_iteration.txt or release/)"
 for var in DATA_PATH VALID_DATA_PATH; do
-  for word in ${!var}; do  # a blend alternates weights and shard folders
-    [[ "$word" =~ ^[0-9.]+$ || -d "$word" ]] || die "$var: shard folder $word does not exist (build_webdataset.py writes one)"
+  for word in ${!var}; do  # a blend alternates weights and shard folders (URLs: the entry point checks them)
+    [[ "$word" == pipe:* ]] && die "$var: pipe: commands hold spaces, which the launcher splits; pass --data-path to the entry point directly (docs/data.md)"
+    [[ "$word" =~ ^[0-9.]+$ || "$word" == *://* || -d "$word" ]] || die "$var: shard folder $word does not exist (build_webdataset.py writes one)"
   done
 done
 [[ -n "$DATA_PATH" ]] || die "DATA_PATH is empty: set it to a shard folder written by build_webdataset.py"

@@ -308,8 +308,12 @@ def _check_dependencies(args) -> None:
 
 
 def _check_data_paths(args) -> None:
-    """Blend syntax and that each shard dir exists (the loader reads them only after the model is built)."""
+    """Blend syntax and that each shard location exists (the loader reads them only after the model
+    is built): local folders and file:// must be directories, fsspec URLs must exist (``fs.exists``),
+    pipe: commands are not run (only their ``{name}`` slot is checked)."""
+    from megatron_patch.data.errors import ShardIndexError
     from megatron_patch.data.sampler import parse_data_path
+    from megatron_patch.data.storage import open_location
 
     for dest in ("data_path", "valid_data_path"):
         if not getattr(args, dest):
@@ -319,8 +323,10 @@ def _check_data_paths(args) -> None:
         except ValueError as err:
             raise ArgumentError(str(err)) from None
         for folder in dirs:
-            if not Path(folder).is_dir():
-                raise ArgumentError(f"{_flag(dest)}: shard dir {folder} does not exist")
+            try:
+                open_location(folder).check()  # LocationError: one line naming the URL
+            except ShardIndexError as err:
+                raise ArgumentError(f"{_flag(dest)}: {err}") from None
 
 
 def _model_source(args):

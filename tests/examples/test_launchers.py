@@ -106,6 +106,14 @@ def test_validation_set_extra_flags_and_overrides(paths, tmp_path):
     assert not args.sequence_parallel and not args.bf16 and not args.use_distributed_optimizer
 
 
+def test_dataset_urls_pass_through_and_pipe_is_refused(paths):
+    blend = f"0.5 {paths['DATA_PATH']} 0.5 s3://bucket/shards"
+    _, args = dry("pretrain_idefics2.sh", {**paths, "DATA_PATH": blend})
+    assert args.data_path == blend.split()
+    result = run("pretrain_idefics2.sh", {**paths, "DATA_PATH": "pipe:cat /data/{name}"})
+    assert result.returncode != 0 and "pass --data-path to the entry point directly" in result.stderr
+
+
 def test_a_save_with_a_checkpoint_is_resumed(paths):
     save = Path(paths["SAVE"])
     save.mkdir()
