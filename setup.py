@@ -18,6 +18,7 @@ setup(
         "sentencepiece>=0.2",
         "protobuf>=4",
         "webdataset>=0.2.100",
+        "pyyaml",  # energon-prepared folders (.nv-meta)
         "fsspec>=2023.1",  # --data-path URLs (s3:// also needs s3fs, gs:// gcsfs, ...)
         "numpy",
         "pillow",

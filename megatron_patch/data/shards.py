@@ -270,7 +270,7 @@ class ShardedDataset:
         return RawSample(path, key, record, [b for _, _, b in images], [e for _, e, _ in images])
 
 
-def _read_member(f, path: str, key: str, suffix: str, offset: int, size: int) -> bytes:
+def read_member(f, path: str, key: str, suffix: str, offset: int, size: int) -> bytes:
     """Read one member's bytes from seekable ``f`` after checking the tar header right before them."""
     if offset < _BLOCK:
         raise BadSample(CORRUPT_MEMBER, path, f"{key}.{suffix}", "bad offset in index")

@@ -16,6 +16,7 @@ image bytes as stored), ``OUT/shard-NNNNNN.idx.json`` (member offsets for random
 with read = written + skipped_total. Reasons: see ``megatron_patch/data/formats.py``
 (malformed_record, empty_conversation, wrong_role, image_path_outside_folder,
 too_many_images, image_count_mismatch, missing_image, undecodable_image).
+``--energon`` then writes megatron-energon's ``OUT/.nv-meta/`` too (``energon_prepare.py``).
 
 Determinism: input records are cut into consecutive chunks of ``--samples-per-shard``;
 chunk i becomes shard i (fewer samples when some are skipped; none when all are), so the
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from collections import Counter
 from itertools import chain, islice
@@ -55,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-prefix", default="shard")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output-dir")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--energon", action="store_true",
+                   help="also write megatron-energon's .nv-meta/ (energon_prepare.py; docs/energon.md)")
     args = p.parse_args(argv)
     for flag in ("samples_per_shard", "workers"):
         if getattr(args, flag) < 1:
@@ -63,6 +68,8 @@ def parse_args(argv=None):
         p.error("--max-image-num must be >= 0")
     if not os.path.isdir(args.image_folder):
         p.error(f"--image-folder {args.image_folder} is not a directory")
+    if args.energon and importlib.util.find_spec("megatron.energon") is None:
+        p.error("--energon needs megatron-energon: pip install 'megatron_patch[energon]'")
     return args
 
 
@@ -71,11 +78,13 @@ def _prepare_output(out: str, overwrite: bool) -> None:
     old = glob.glob(os.path.join(out, "*.tar")) + glob.glob(os.path.join(out, "*" + SIDECAR_SUFFIX))
     old += [p for p in (os.path.join(out, INDEX_FILE), os.path.join(out, REPORT_FILE))
             if os.path.exists(p)]
+    old += glob.glob(os.path.join(out, "*.tar.idx"))  # energon's, stale once the tars change
     if old and not overwrite:
         raise SystemExit(f"error: --output-dir {out} already holds shards "
                          f"({os.path.basename(sorted(old)[0])} ...); pass --overwrite or pick another")
     for path in old:
         os.remove(path)
+    shutil.rmtree(os.path.join(out, ".nv-meta"), ignore_errors=True)  # describes the old tars
 
 
 def _tasks(args):
@@ -142,6 +151,11 @@ def main(argv=None) -> int:
     report = build(args)
     print(f"read {report['read']}  written {report['written']}  skipped {report['skipped_total']} "
           f"{report['skipped']}  shards {report['shards']} -> {args.output_dir}")
+    if args.energon and report["written"]:
+        from energon_prepare import prepare
+
+        counts = prepare(args.output_dir, num_workers=args.workers)
+        print(f"energon metadata for {len(counts)} shards -> {os.path.join(args.output_dir, '.nv-meta')}")
     return 0 if report["written"] else 1
 
 
