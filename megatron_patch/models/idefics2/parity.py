@@ -3,6 +3,8 @@
 Used by the parity tool (toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py) and the tests.
 Megatron outputs are collected on global rank 0: the vision and connector outputs come from the first
 pipeline stage (TP rank 0), the logits from the last stage, gathered over TP and trimmed to the vocabulary.
+Tensors in collectives live on the batch's device (`cuda:<current>` under NCCL, CPU under gloo); what
+`gather_object` carries to rank 0 is moved to CPU first, so rank 0 compares on CPU whatever the backend.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def megatron_outputs(model_chunks: list, inputs: dict, vocab_size: int) -> Optio
         hooks.append(unwrapped.vision_model.register_forward_hook(on_vision))
         hooks.append(unwrapped.connector.register_forward_hook(lambda m, args, out: captured.update(connector=out)))
     batch_size, seq_len = inputs["input_ids"].shape
-    position_ids = inputs.get("position_ids", torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1))
+    device = inputs["input_ids"].device  # the batch is on the compute device (cuda:<current> under NCCL)
+    position_ids = inputs.get("position_ids", torch.arange(seq_len, device=device).unsqueeze(0).expand(batch_size, -1))
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
