@@ -1,6 +1,8 @@
 """Per-rank bodies of the Idefics2 model tests (run on N gloo ranks by the distributed harness)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -19,30 +21,53 @@ from megatron_patch.models.idefics2.tiny import randomize_weights, tiny_idefics2
 from megatron_patch.platform import init_distributed
 
 
-def tiny_hf_model(text: str, tied: bool, seed: int = 0):
+def llama3_rope(factor: float) -> dict:
+    """Llama-3.1/3.2 `rope_parameters` (transformers 5) at scaling `factor` (8 for 3.1, 32 for 3.2)."""
+    return dict(rope_type="llama3", factor=float(factor), low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def with_rope(config, rope_parameters: dict):
+    """A copy of `config` whose text model uses `rope_parameters`."""
+    config = copy.deepcopy(config)
+    config.text_config.rope_parameters = dict(rope_parameters)
+    # Llama-3.1's context; transformers expects it above original_max_position_embeddings.
+    config.text_config.max_position_embeddings = 131072
+    return config
+
+
+def tiny_hf_model(text: str, tied: bool, seed: int = 0, rope_parameters=None):
     from transformers import Idefics2ForConditionalGeneration
 
     config = tiny_idefics2_config(text, tie_word_embeddings=tied)
+    if rope_parameters is not None:
+        config = with_rope(config, rope_parameters)
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config).eval()
     randomize_weights(model, seed)
     return config, model
 
 
-def build_from_hf(config, hf_model, opts: ParallelOptions):
-    model = build_model(config, opts)
+def build_from_hf(config, hf_model, opts: ParallelOptions, init_weights: bool = False):
+    model = build_model(config, opts, init_weights=init_weights)
     state = hf_model.state_dict()
     load_hf_weights(model, state.__getitem__, config, opts)
     return model
 
 
-def parity_case(text: str, tp: int, pp: int, num_images: int, tied: bool = False, first_stage_layers=None):
-    """Max abs diff per component between Megatron at tp x pp and transformers (on rank 0)."""
+def parity_case(text: str, tp: int, pp: int, num_images: int, tied: bool = False, first_stage_layers=None,
+                rope=None, megatron_rope=None, text_tokens: int = 12):
+    """Max abs diff per component between Megatron at tp x pp and transformers (on rank 0).
+
+    `rope`: the text config's `rope_parameters`; `megatron_rope`: other ones for the Megatron model
+    only (to show a RoPE setting matters); `text_tokens` per sample besides the image blocks.
+    """
     init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model(text, tied)
+    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope)
     opts = ParallelOptions(tp, pp, decoder_first_pipeline_num_layers=first_stage_layers)
-    model = build_from_hf(config, hf_model, opts).eval()
-    inputs = random_inputs(config, batch_size=2, num_images=num_images, seed=7)
+    megatron_config = config if megatron_rope is None else with_rope(config, megatron_rope)
+    model = build_from_hf(megatron_config, hf_model, opts).eval()
+    inputs = random_inputs(config, batch_size=2, num_images=num_images, text_tokens=text_tokens, seed=7)
     ours = megatron_outputs([model], inputs, config.text_config.vocab_size)
     if dist.get_rank() != 0:
         return None
@@ -214,3 +239,42 @@ def packed_vs_unpacked_case(tp: int, pp: int):
     seq = inputs["input_ids"].shape[1]
     from_packed = torch.stack([packed["logits"][0, :seq], packed["logits"][0, seq:], packed["logits"][1, :seq]])
     return alone["logits"], from_packed
+
+
+def fused_loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False):
+    """`loss_and_grads_case` with megatron-core's bias fusions on, their functions run eagerly.
+
+    torch.compile is disabled here: on CPU it compiles C++ (tens of seconds) and on a GPU it would
+    generate Triton kernels instead, so what this can check on CPU is the fused functions' own
+    formulas and hand-written backwards, which are what "keep the numbers" depends on.
+    """
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(disable=True):
+        return loss_and_grads_case(text, tp, pp, tied, bias_fusions=True)
+
+
+def init_off_then_load_case(tp: int, pp: int) -> dict:
+    """Load the same HF weights into a model built with random init and one built without it, whose
+    every tensor was first set to NaN; what differs between the two on this rank, what is still NaN."""
+    init_distributed(tp, pp, seed=1234)
+    config, hf_model = tiny_hf_model("llama", True)
+    opts = ParallelOptions(tp, pp)
+    initialised = build_model(config, opts, init_weights=True)
+    bare = build_model(config, opts, init_weights=False)
+    with torch.no_grad():
+        for tensor in bare.state_dict().values():
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+    state = hf_model.state_dict()
+    for model in (initialised, bare):
+        load_hf_weights(model, state.__getitem__, config, opts)
+    # megatron-core's `_extra_state` entries are None (local layers); only tensors hold weights.
+    ref, got = ({k: v for k, v in m.state_dict().items() if torch.is_tensor(v)} for m in (initialised, bare))
+    return {
+        "perform_initialization": [c.perform_initialization for c in (bare.configs.vision, bare.configs.language)],
+        "same_keys": sorted(ref) == sorted(got),
+        "tensors": len(got),
+        "differ": [k for k in ref if not torch.equal(ref[k], got[k])],
+        "nan": [k for k, v in got.items() if v.isnan().any()],
+    }

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+import torch.nn.functional as F
+
 from megatron_patch.models.idefics2.config import (
     ParallelOptions,
+    RopeSettings,
     build_configs,
     check_sequence_length,
     layers_per_stage,
+    rope_settings,
     tied_word_embeddings,
     validate_layout,
 )
@@ -49,11 +54,84 @@ def test_uneven_first_stage():
     assert layers_per_stage(8, 2) == [4, 4]
 
 
-def test_unsupported_rope_scaling_is_refused():
+def _llama3(**changes) -> dict:
+    params = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=8192, rope_theta=500000.0)
+    return {**params, **changes}
+
+
+def test_rope_settings_of_default_and_llama3_rope():
+    assert rope_settings(tiny_idefics2_config("mistral").text_config) == RopeSettings(10000.0)
     config = tiny_idefics2_config("llama")
-    config.text_config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
-    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
-        build_configs(config, ParallelOptions())
+    assert build_configs(config, ParallelOptions()).rope == RopeSettings(500000.0)
+    for factor in (8.0, 32.0):  # Llama-3.1, Llama-3.2
+        config.text_config.rope_parameters = _llama3(factor=factor)
+        assert build_configs(config, ParallelOptions()).rope == RopeSettings(500000.0, True, factor)
+
+
+def test_llama3_rope_of_a_transformers4_config_file(tmp_path):
+    # Llama-3.1's config.json says `rope_scaling` with `rope_theta` beside it; transformers 5 reads it.
+    import json
+
+    from transformers import AutoConfig, LlamaConfig
+
+    LlamaConfig(max_position_embeddings=131072).save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.pop("rope_parameters", None)
+    data["rope_theta"] = 500000.0
+    data["rope_scaling"] = {k: v for k, v in _llama3().items() if k != "rope_theta"}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert rope_settings(AutoConfig.from_pretrained(str(tmp_path))) == RopeSettings(500000.0, True, 8.0)
+
+
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope_type 'yarn' is not supported"),
+        (_llama3(low_freq_factor=2.0), "low_freq_factor 2.0 is not supported"),
+        (_llama3(high_freq_factor=8.0), "high_freq_factor 8.0 is not supported"),
+        (_llama3(original_max_position_embeddings=4096), "original_max_position_embeddings 4096 is not supported"),
+        ({k: v for k, v in _llama3().items() if k != "factor"}, "factor None must be a positive number"),
+    ],
+)
+def test_unsupported_rope_is_refused_naming_the_field(params, expected):
+    config = tiny_idefics2_config("llama")
+    config.text_config.rope_parameters = params
+    for fn in (validate_layout, build_configs):
+        message = _one_line_error(fn, config, ParallelOptions(), match=expected)
+        assert message.startswith("text_config")
+
+
+def test_init_and_device_choice_reach_every_config():
+    config = tiny_idefics2_config("llama")
+    cuda = torch.cuda.is_available()
+    for init in (True, False):
+        configs = build_configs(config, ParallelOptions(), init_weights=init)
+        for c in (configs.vision, configs.projection, configs.perceiver, configs.language):
+            assert c.perform_initialization is init
+            assert c.use_cpu_initialization is not cuda  # on the GPU where there is one
+    assert build_configs(config, ParallelOptions(use_cpu_initialization=True)).language.use_cpu_initialization
+    if not cuda:
+        _one_line_error(build_configs, config, ParallelOptions(use_cpu_initialization=False),
+                        match="use_cpu_initialization=False needs CUDA")
+
+
+def test_bias_fusions_only_where_they_compute_the_same_function():
+    config = tiny_idefics2_config("llama")  # SigLIP: gelu_pytorch_tanh; Llama and perceiver: SwiGLU
+    off = build_configs(config, ParallelOptions(bias_fusions=False))
+    on = build_configs(config, ParallelOptions(bias_fusions=True))
+    for c in (off.vision, off.projection, off.perceiver, off.language):
+        assert not c.bias_activation_fusion and not c.bias_dropout_fusion
+    for c in (on.projection, on.perceiver, on.language):
+        assert c.bias_activation_fusion and c.bias_dropout_fusion and c.activation_func is F.silu
+    # megatron-core's fused GELU is the tanh approximation, so the tanh-GELU tower is handed over as F.gelu.
+    assert on.vision.bias_activation_fusion and on.vision.activation_func is F.gelu
+    assert not on.vision.masked_softmax_fusion and not on.language.apply_rope_fusion
+    config.vision_config.hidden_act = "gelu"  # exact GELU: fusing would switch it to the approximation
+    exact = build_configs(config, ParallelOptions(bias_fusions=True)).vision
+    assert not exact.bias_activation_fusion and exact.activation_func is F.gelu and exact.bias_dropout_fusion
+    default = build_configs(config, ParallelOptions()).language
+    assert default.bias_activation_fusion is torch.cuda.is_available()
 
 
 def _one_line_error(fn, *args, match: str) -> str:

@@ -86,3 +86,46 @@ def test_packed_rows_equal_one_sample_per_row(tp, pp):
     alone, packed = run_distributed(tp * pp, cases.packed_vs_unpacked_case, tp, pp)[0]
     assert alone.shape == packed.shape and float(alone.std()) > 0.1
     assert float((alone - packed).abs().max()) < ATOL
+
+
+LLAMA3_TEXT_TOKENS = 200  # positions up to ~220: far enough for the scaled low frequencies to turn
+
+
+@pytest.mark.parametrize("factor", [8, 32])  # Llama-3.1, Llama-3.2
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_llama3_rope_scaling_matches_transformers(factor, tp, pp):
+    rope = cases.llama3_rope(factor)
+    results = run_distributed(tp * pp, cases.parity_case, "llama", tp, pp, 3, tied=True, rope=rope,
+                              text_tokens=LLAMA3_TEXT_TOKENS)
+    _check(results[0])
+
+
+def test_llama3_rope_scaling_changes_the_logits():
+    # The parity above cannot pass by accident: unscaled RoPE, or the other factor, is far off.
+    unscaled = {"rope_type": "default", "rope_theta": cases.llama3_rope(8)["rope_theta"]}
+    vs_unscaled = run_distributed(1, cases.parity_case, "llama", 1, 1, 3, tied=True, rope=cases.llama3_rope(8),
+                                  megatron_rope=unscaled, text_tokens=LLAMA3_TEXT_TOKENS)[0]
+    vs_factor_8 = run_distributed(1, cases.parity_case, "llama", 1, 1, 3, tied=True, rope=cases.llama3_rope(32),
+                                  megatron_rope=cases.llama3_rope(8), text_tokens=LLAMA3_TEXT_TOKENS)[0]
+    assert vs_unscaled["logits"] > 100 * ATOL, vs_unscaled
+    assert vs_factor_8["logits"] > 10 * ATOL, vs_factor_8
+
+
+def test_weights_loaded_into_an_uninitialised_model_are_all_there():
+    # Built without random init and set to NaN, then loaded: equal to an initialised model loaded the
+    # same way, on every stage and TP rank (vision position table, perceiver latents, norms included).
+    for part in run_distributed(4, cases.init_off_then_load_case, 2, 2):
+        assert part["perform_initialization"] == [False, False]
+        assert part["same_keys"] and part["tensors"] > 10, part
+        assert part["differ"] == [] and part["nan"] == [], part
+
+
+def test_bias_fusions_keep_loss_and_grads():
+    # megatron-core's fused SwiGLU / tanh-GELU / bias-dropout-add against the unfused torch path.
+    base_loss, base_grads = run_distributed(1, cases.loss_and_grads_case, "llama", 1, 1, True)[0]
+    loss, grads = run_distributed(1, cases.fused_loss_and_grads_case, "llama", 1, 1, True)[0]
+    assert loss == pytest.approx(base_loss, abs=1e-6)
+    assert set(grads) == set(base_grads)
+    for name, ref in base_grads.items():
+        scale = float(ref.abs().max()) + 1e-12
+        assert torch.allclose(grads[name], ref, atol=1e-6 * max(scale, 1.0), rtol=1e-5), name

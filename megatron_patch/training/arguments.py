@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters (fp32 main grads and optimizer state)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g.add_argument("--use-cpu-initialization", action="store_true", default=None,
+                   help="create parameters on the CPU, then move them (default: only without CUDA)")
+    for fusion in ("swiglu", "gelu", "dropout"):  # one switch here: any of them turns all bias fusions off
+        g.add_argument(f"--no-bias-{fusion}-fusion", dest="no_bias_fusions", action="store_true",
+                       help="turn megatron-core's bias+activation and bias+dropout+add fusions off (on with CUDA)")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, required=True)
@@ -160,6 +165,8 @@ def parallel_options(args):
         recompute_num_layers=args.recompute_num_layers,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_transformer_engine=args.transformer_impl == "transformer_engine",
+        use_cpu_initialization=args.use_cpu_initialization,
+        bias_fusions=False if args.no_bias_fusions else None,
     )
 
 

@@ -91,7 +91,7 @@ def build_training(args) -> TrainingContext:
                                      parallel_state.get_data_parallel_world_size())
     ctx.report(f"building the model at TP={args.tensor_model_parallel_size} x PP={args.pipeline_model_parallel_size}"
                f" x DP={parallel_state.get_data_parallel_world_size()}")
-    model = build_model(args.hf_config, opts)
+    model = build_model(args.hf_config, opts, init_weights=not args.load)  # loaded weights replace any init
     model.to(ctx.device)
     freeze(model, frozen_components(args))
     table = parameter_table(model, ctx.device)

@@ -16,7 +16,7 @@ def _load(mg_dir: str, tp: int, pp: int, iteration=None):
     init_distributed(tp, pp, seed=1234)
     config = read_checkpoint_config(mg_dir, iteration)
     opts = ParallelOptions(tp, pp)
-    model = build_model(config, opts)
+    model = build_model(config, opts, init_weights=False)
     loaded = load_model_weights(model, mg_dir, opts, iteration=iteration)
     return config, opts, model.eval(), loaded
 

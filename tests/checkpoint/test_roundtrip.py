@@ -125,3 +125,23 @@ def test_hf_name_constants_are_the_mappings_names(tied):
     prefixes = (HF_TEXT_PREFIX, HF_VISION_PREFIX, HF_CONNECTOR_PREFIX)
     assert all(any(n.startswith(p) for p in prefixes) for n in names if n != HF_LM_HEAD)
     assert all(any(n.startswith(p) for n in names) for p in prefixes)
+
+
+def test_llama3_rope_scaling_survives_the_round_trip(tmp_path):
+    """Llama-3.1 RoPE (`rope_parameters`, rope_type llama3) is kept in the Megatron checkpoint's
+    hf_config and in the HF config written back, so both sides rotate the same way."""
+    from megatron_patch.checkpoint import read_checkpoint_config
+    from megatron_patch.checkpoint.config_files import read_idefics2_config
+    from megatron_patch.models.idefics2.config import RopeSettings, rope_settings
+
+    config = idefics2_config("llama")
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192, rope_theta=500000.0)
+    config.text_config.rope_parameters = rope
+    config.text_config.max_position_embeddings = 131072
+    save_idefics2(tmp_path / "hf", config, seed=3)
+    mg, back = round_trip(tmp_path / "hf", tmp_path, 2, 1)
+    assert_bit_exact(tmp_path / "hf", back, config)
+    for text_config in (read_checkpoint_config(mg).text_config, read_idefics2_config(back).text_config):
+        assert text_config.rope_parameters == rope
+        assert rope_settings(text_config) == RopeSettings(500000.0, True, 8.0)

@@ -166,6 +166,10 @@ def test_parallel_options_and_frozen_components(paths):
     assert (opts.recompute_granularity, opts.recompute_method, opts.recompute_num_layers) == ("full", "uniform", 1)
     assert frozen_components(args) == {"llm", "connector"}
     assert frozen_components(validated(paths, {"--freeze-clip-vision-tower": True})) == {"vision"}
+    assert (opts.use_cpu_initialization, opts.bias_fusions) == (None, None)  # decided by the device
+    for fusion in ("swiglu", "gelu", "dropout"):
+        opts = parallel_options(validated(paths, {"--use-cpu-initialization": True, f"--no-bias-{fusion}-fusion": True}))
+        assert (opts.use_cpu_initialization, opts.bias_fusions) == (True, False)
 
 
 # (id, overrides, world size, text the one-line message must contain)

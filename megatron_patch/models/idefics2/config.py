@@ -8,7 +8,11 @@ language model is split over pipeline stages (vision and connector live on the f
 also refuses HF config settings the model does not implement (biases in the text model's linears, a
 tied-head flag that disagrees with itself). `check_sequence_length` refuses a --seq-length the model
 would attend over differently from transformers (Mistral's sliding window). Whether the head is tied
-is decided by `tied_word_embeddings` alone.
+is decided by `tied_word_embeddings` alone; the text model's RoPE by `rope_settings` alone.
+
+Where parameters are created and whether they are randomly initialised is decided here too
+(`_base_kwargs`): on a CUDA machine megatron-core creates them directly on the GPU, and a caller that
+loads weights right after building asks for no initialisation at all (`init_weights=False`).
 """
 from __future__ import annotations
 
@@ -53,6 +57,15 @@ class ParallelOptions:
     """Parameter dtype: torch.float32 or torch.bfloat16 (--bf16)."""
     use_transformer_engine: Optional[bool] = None
     """Build layers from transformer-engine specs; None: use TE when it is importable."""
+    use_cpu_initialization: Optional[bool] = None
+    """--use-cpu-initialization: create (and initialise) parameters on the CPU, then move them. None:
+    only when CUDA is absent; on a GPU parameters are created on the device (no per-rank host copy of
+    the model, no host->device copies). CPU initialisation draws the full matrix and slices it, so the
+    random init is the same at every TP size; the GPU path draws each shard from the TP-rank RNG."""
+    bias_fusions: Optional[bool] = None
+    """megatron-core's torch.compile'd bias+activation (SwiGLU, tanh-GELU) and bias+dropout+add fusions
+    (`bias_activation_fusion`, `bias_dropout_fusion`); they need no extra package and keep the numbers.
+    None: on when CUDA is present (on CPU torch.compile would need a C++ compiler and gains little)."""
 
     def uses_transformer_engine(self) -> bool:
         if self.use_transformer_engine is None:
@@ -60,6 +73,18 @@ class ParallelOptions:
 
             return accelerators()["transformer_engine"]
         return self.use_transformer_engine
+
+
+@dataclass(frozen=True)
+class RopeSettings:
+    """The text model's RoPE as megatron-core's GPTModel takes it."""
+
+    theta: float
+    """GPTModel rotary_base."""
+    scaling: bool = False
+    """GPTModel rope_scaling: Llama-3.1/3.2's frequency-dependent scaling (`RotaryEmbedding._apply_scaling`)."""
+    scaling_factor: float = 8.0
+    """GPTModel rope_scaling_factor (used only with `scaling`)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +102,8 @@ class Idefics2Configs:
     """Perceiver latents per image: the number of <image> tokens each image fills."""
     patch_size: int
     image_size: int
-    rotary_base: float
+    rope: RopeSettings
+    """The language model's rotary embedding (`rope_settings`)."""
     tie_word_embeddings: bool
 
 
@@ -190,29 +216,83 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
         if act not in _ACTIVATIONS:
             raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
     _check_text_features(t)
+    rope_settings(t)
     tied_word_embeddings(hf_config)
 
 
-def _rope_theta(text_config) -> float:
-    params = getattr(text_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"text_config rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+# megatron-core 0.16.1's Llama-3 RoPE scaling takes only the factor from GPTModel; these three are
+# fixed defaults of `RotaryEmbedding._apply_scaling`. Llama-3.1 and 3.2 use exactly these values.
+_MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _base_kwargs(opts: ParallelOptions) -> dict:
-    """Settings every sub-config shares. Fusions off: they need apex/TE kernels and change no numbers."""
+def rope_settings(text_config) -> RopeSettings:
+    """The RoPE settings of an HF Llama / Mistral text config; ValueError (one line) for RoPE the model
+    would compute differently from transformers.
+
+    transformers 5 keeps RoPE in `text_config.rope_parameters` (`rope_type`, `rope_theta`, and for
+    "llama3" `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`); a
+    transformers-4 style `rope_scaling` dict (also with the old key `type`) is read the same way.
+    """
+    params = dict(getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", getattr(text_config, "partial_rotary_factor", None))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(f"text_config partial_rotary_factor {partial} is not supported (RoPE over the whole head only)")
+    if rope_type == "default":
+        return RopeSettings(theta)
+    if rope_type != "llama3":
+        raise ValueError(
+            f"text_config.rope_parameters rope_type {rope_type!r} is not supported (only 'default' and 'llama3' RoPE)"
+        )
+    factor = params.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"text_config.rope_parameters factor {factor!r} must be a positive number for rope_type 'llama3'")
+    for key, fixed in _MCORE_LLAMA3_FIXED.items():
+        value = params.get(key)
+        if not isinstance(value, (int, float)) or float(value) != fixed:
+            raise ValueError(
+                f"text_config.rope_parameters {key} {value!r} is not supported: megatron-core's Llama-3 RoPE "
+                f"scaling applies {key}={fixed:g} (the Llama-3.1/3.2 value)"
+            )
+    return RopeSettings(theta, scaling=True, scaling_factor=float(factor))
+
+
+def _cpu_initialization(opts: ParallelOptions) -> bool:
+    cuda = torch.cuda.is_available()
+    if opts.use_cpu_initialization is None:
+        return not cuda
+    if not opts.use_cpu_initialization and not cuda:
+        raise ValueError("use_cpu_initialization=False needs CUDA, which this machine lacks; leave it unset")
+    return opts.use_cpu_initialization
+
+
+def _base_kwargs(opts: ParallelOptions, init_weights: bool) -> dict:
+    """Settings every sub-config shares.
+
+    Fusions: `bias_activation_fusion` and `bias_dropout_fusion` are megatron-core's own torch.compile'd
+    functions (megatron/core/fusions/fused_bias_{swiglu,gelu,dropout}.py) and need no extra package; on
+    by default on CUDA only (`ParallelOptions.bias_fusions`). Not verified on a GPU: the test
+    (tests/test_idefics2_parity.py::test_bias_fusions_keep_loss_and_grads) runs the fused functions
+    eagerly on CPU against the unfused path (formulas and hand-written backwards); their compiled form
+    on CUDA (Triton, fp32 or bf16) has not been run. The others stay off: `masked_softmax_fusion` and
+    `persist_layer_norm` need apex / TE kernels (and our attention is SDPA, our norms torch's),
+    `apply_rope_fusion` needs TE's fused RoPE, `gradient_accumulation_fusion` needs apex/TE's
+    fused wgrad kernels.
+    """
     bf16 = opts.params_dtype == torch.bfloat16
+    fusions = torch.cuda.is_available() if opts.bias_fusions is None else opts.bias_fusions
     return dict(
         tensor_model_parallel_size=opts.tensor_model_parallel_size,
         params_dtype=opts.params_dtype,
         pipeline_dtype=opts.params_dtype,
         bf16=bf16,
-        use_cpu_initialization=True,
+        use_cpu_initialization=_cpu_initialization(opts),
+        # Off: parameters stay torch.empty until the caller's weight load fills every one of them.
+        perform_initialization=init_weights,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        bias_activation_fusion=fusions,
+        bias_dropout_fusion=fusions,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -224,11 +304,32 @@ def _base_kwargs(opts: ParallelOptions) -> dict:
     )
 
 
-def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
-    """Translate an HF Idefics2Config into the four megatron-core configs (after `validate_layout`)."""
+def _mlp_activation(act: str, gated: bool, fused: bool) -> dict:
+    """activation_func (and whether megatron-core may fuse it) for an HF `hidden_act`.
+
+    megatron-core fuses only F.silu when gated (SwiGLU, same formula) and F.gelu; its fused GELU is the
+    tanh approximation whatever activation_func says (fused_bias_gelu.py). So a tanh-GELU MLP is handed
+    over as F.gelu with the fusion on, and an exact ("gelu") one keeps the fusion off: fusing it would
+    change the numbers. Every other case runs unfused.
+    """
+    func = _ACTIVATIONS[act]
+    if fused and gated and func is F.silu:
+        return dict(activation_func=func, bias_activation_fusion=True)
+    if fused and not gated and act in ("gelu_pytorch_tanh", "gelu_new"):
+        return dict(activation_func=F.gelu, bias_activation_fusion=True)
+    return dict(activation_func=func, bias_activation_fusion=False)
+
+
+def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -> Idefics2Configs:
+    """Translate an HF Idefics2Config into the four megatron-core configs (after `validate_layout`).
+
+    `init_weights=False`: megatron-core allocates parameters without drawing them (the caller loads
+    every one next; `model_loading.load_hf_weights` checks that)."""
     validate_layout(hf_config, opts)
     v, p, t = hf_config.vision_config, hf_config.perceiver_config, hf_config.text_config
-    base = _base_kwargs(opts)
+    rope = rope_settings(t)
+    base = _base_kwargs(opts, init_weights)
+    fused = base.pop("bias_activation_fusion")
     vision = TransformerConfig(
         num_layers=v.num_hidden_layers,
         hidden_size=v.hidden_size,
@@ -240,7 +341,7 @@ def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=False,
-        activation_func=_ACTIVATIONS[v.hidden_act],
+        **_mlp_activation(v.hidden_act, gated=False, fused=fused),
         pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
         **base,
     )
@@ -255,12 +356,12 @@ def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
         layernorm_epsilon=p.rms_norm_eps,
         add_bias_linear=False,
         gated_linear_unit=True,
-        activation_func=_ACTIVATIONS[getattr(p, "hidden_act", "silu")],
+        **_mlp_activation(getattr(p, "hidden_act", "silu"), gated=True, fused=fused),
         pipeline_model_parallel_size=1,
         **base,
     )
     projection = dataclasses.replace(
-        perceiver, ffn_hidden_size=t.intermediate_size, activation_func=_ACTIVATIONS[t.hidden_act]
+        perceiver, ffn_hidden_size=t.intermediate_size, **_mlp_activation(t.hidden_act, gated=True, fused=fused)
     )
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     pp = opts.pipeline_model_parallel_size
@@ -275,7 +376,7 @@ def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
         layernorm_epsilon=t.rms_norm_eps,
         add_bias_linear=False,
         gated_linear_unit=True,
-        activation_func=_ACTIVATIONS[t.hidden_act],
+        **_mlp_activation(t.hidden_act, gated=True, fused=fused),
         pipeline_model_parallel_size=pp,
         num_layers_in_first_pipeline_stage=opts.decoder_first_pipeline_num_layers,
         sequence_parallel=opts.sequence_parallel and opts.tensor_model_parallel_size > 1,
@@ -294,6 +395,6 @@ def build_configs(hf_config, opts: ParallelOptions) -> Idefics2Configs:
         image_seq_len=p.resampler_n_latents,
         patch_size=v.patch_size,
         image_size=v.image_size,
-        rotary_base=_rope_theta(t),
+        rope=rope,
         tie_word_embeddings=tied_word_embeddings(hf_config),
     )

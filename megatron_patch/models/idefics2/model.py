@@ -58,7 +58,9 @@ class Idefics2Model(MegatronModule):
             parallel_output=True,
             share_embeddings_and_output_weights=configs.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=configs.rotary_base,
+            rotary_base=configs.rope.theta,
+            rope_scaling=configs.rope.scaling,
+            rope_scaling_factor=configs.rope.scaling_factor,
         )
         if post_process and configs.padded_vocab_size != configs.vocab_size:
             self.language_model.output_layer.register_forward_hook(self._mask_padded_vocab)
@@ -184,12 +186,21 @@ class Idefics2Model(MegatronModule):
         )
 
 
-def build_model(hf_config, opts: ParallelOptions) -> Idefics2Model:
-    """The model part this rank holds (needs megatron-core's parallel state to be initialised)."""
-    configs = build_configs(hf_config, opts)
-    return Idefics2Model(
-        configs,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        use_te=opts.uses_transformer_engine(),
-    )
+def build_model(hf_config, opts: ParallelOptions, init_weights: bool = True) -> Idefics2Model:
+    """The model part this rank holds (needs megatron-core's parallel state to be initialised).
+
+    `init_weights=False` when every weight is loaded right after (a checkpoint, HF weights): nothing is
+    drawn at random, parameters hold uninitialised memory until the load fills them.
+    On CUDA (unless `opts.use_cpu_initialization`) parameters are created on the current GPU:
+    megatron-core's layers place their own there, and the default-device context puts our torch
+    modules (patch embedding, position table, norms, perceiver latents) on it too.
+    """
+    configs = build_configs(hf_config, opts, init_weights)
+    device = "cpu" if configs.language.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
+    with torch.device(device):
+        return Idefics2Model(
+            configs,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            use_te=opts.uses_transformer_engine(),
+        )

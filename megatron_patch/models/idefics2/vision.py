@@ -36,15 +36,30 @@ def bucketed_position_ids(patch_mask: torch.Tensor, num_patches_per_side: int) -
     return torch.where(patch_mask.reshape(n, -1), ids, torch.zeros_like(ids))
 
 
-class VisionEmbeddings(nn.Module):
-    """Patch convolution + learned position table; replicated over TP ranks (small, and SigLIP-shaped)."""
+def _construct(cls, *args, **kwargs) -> nn.Module:
+    return cls(*args, **kwargs)
 
-    def __init__(self, hidden_size: int, patch_size: int, image_size: int, num_channels: int = 3, dtype=None):
+
+def _allocate(cls, *args, **kwargs) -> nn.Module:
+    # skip_init builds on the meta device and allocates on `device` (its default would be the CPU).
+    return nn.utils.skip_init(cls, *args, device=torch.get_default_device(), **kwargs)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patch convolution + learned position table; replicated over TP ranks (small, and SigLIP-shaped).
+
+    With `init=False` (weights are loaded next, megatron-core's `perform_initialization` off) the two
+    modules are allocated on the default device without torch's random init, like megatron-core's own.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, image_size: int, num_channels: int = 3, dtype=None,
+                 init: bool = True):
         super().__init__()
         self.patch_size = patch_size
         self.num_patches_per_side = image_size // patch_size
-        self.patch_embedding = nn.Conv2d(num_channels, hidden_size, patch_size, stride=patch_size, dtype=dtype)
-        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, hidden_size, dtype=dtype)
+        make = _construct if init else _allocate
+        self.patch_embedding = make(nn.Conv2d, num_channels, hidden_size, patch_size, stride=patch_size, dtype=dtype)
+        self.position_embedding = make(nn.Embedding, self.num_patches_per_side**2, hidden_size, dtype=dtype)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
@@ -59,7 +74,9 @@ class VisionTransformer(MegatronModule):
     def __init__(self, config: TransformerConfig, patch_size: int, image_size: int, use_te: bool = False):
         super().__init__(config=config)
         self.patch_size = patch_size
-        self.embeddings = VisionEmbeddings(config.hidden_size, patch_size, image_size, dtype=config.params_dtype)
+        self.embeddings = VisionEmbeddings(
+            config.hidden_size, patch_size, image_size, dtype=config.params_dtype, init=config.perform_initialization
+        )
         # post_layer_norm=True gives the block a final LayerNorm: SigLIP's post_layernorm.
         self.decoder = TransformerBlock(config, vision_block_spec(config, use_te), post_layer_norm=True)
 

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     init_distributed(opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, seed=args.seed)  # sets cuda:LOCAL_RANK
     validate_layout(config, opts, world_size=dist.get_world_size())
     device = get_device()
-    model = build_model(config, opts)
+    model = build_model(config, opts, init_weights=False)  # every weight is loaded next
     reads = None
     if args.load is None:
         reads = CountedHFReads(args.hf_path)  # this rank's stage tensors only, one at a time
