@@ -24,7 +24,7 @@ from megatron_patch.data.shards import INDEX_FILE, ShardedDataset
 from megatron_patch.data.storage import LocalLocation, open_location
 
 
-def open_dataset(location, split_part: str = "train") -> ShardedDataset:
+def open_dataset(location, split_part: str = "train") -> "ShardedDataset | EnergonDataset":
     """Dataset for a data location; ``split_part`` applies to energon-prepared folders only."""
     if hasattr(location, "read") and hasattr(location, "locate"):
         return location  # already opened

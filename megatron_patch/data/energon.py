@@ -18,9 +18,8 @@ their counts from that metadata, and each sample's member offsets from ``index.s
 scans the tar once with ``shards.scan_tar``. Members are read and checked like ``ShardedDataset``
 does (tar header before each member), so damaged data raises the same ``BadSample`` reasons.
 
-Local folders only (energon's own remote paths are not handled here). It subclasses
-``ShardedDataset`` so the loader takes it wherever it takes our own shard folders, but
-defines every method it offers itself.
+Local folders only (energon's own remote paths are not handled here). ``datasets.open_dataset``
+picks it for a folder with ``.nv-meta/`` and no ``index.json``; the loader takes either reader.
 
 Sample conversion (``sample_from_parts``; shared by reading and by the energon cooker)
 ---------------------------------------------------------------------------------------
@@ -60,7 +59,7 @@ import yaml
 from megatron_patch.data import formats
 from megatron_patch.data.errors import BadSample, ShardIndexError
 from megatron_patch.data.shards import (BAD_JSON, MISSING_MEMBER, SHARD_UNREADABLE, RawSample,
-                                        ShardedDataset, read_member, scan_tar)
+                                        read_member, scan_tar)
 
 META_DIR = ".nv-meta"
 INFO_FILES = (".info.json", ".info.yaml")
@@ -223,12 +222,9 @@ def sample_from_parts(parts: dict, shard: str, key: str):
 
 
 # ---- reader --------------------------------------------------------------------------------
-class EnergonDataset(ShardedDataset):
-    """Random access over one split of a local energon-prepared webdataset folder.
-
-    Subclasses ``ShardedDataset`` only so that code taking "a shard dataset" takes this one too;
-    it shares no state or code path with it (every method the loader uses is defined here).
-    """
+class EnergonDataset:
+    """Random access over one split of a local energon-prepared webdataset folder, with the
+    interface the loader uses (``len``, ``num_samples``, ``read``, ``locate``), as ``ShardedDataset``."""
 
     def __init__(self, path: str, split_part: str = "train", split_config: str = "split.yaml",
                  index_cache: int = 32):

@@ -24,6 +24,9 @@
 * ``consumed_samples`` counts sampler positions (all DP ranks together, Megatron's meaning) whose
   samples the main process has received, not the ones workers prefetch (``prefetched_samples``).
 
+Worker transport: what a worker returns goes through ``worker_transport.to_wire`` (large arrays
+by shared memory, small ones through the pipe) and back through ``from_wire`` in the main process.
+
 Packing (``pack_seq_length``, ``--pack-sequences``)
 ---------------------------------------------------
 Workers still read, decode and encode one sampler item (``micro_batch_size`` slots) at a time,
@@ -61,7 +64,8 @@ from megatron_patch.data.errors import BadSample, DataQualityError, SkipSample
 from megatron_patch.data.collate import empty_sample
 from megatron_patch.data.packing import ResumablePacker
 from megatron_patch.data.sampler import DistributedSampler, GlobalOrder, mix64
-from megatron_patch.data.shards import ShardedDataset
+from megatron_patch.data.datasets import open_dataset
+from megatron_patch.data.worker_transport import from_wire, to_wire
 
 UNDECODABLE_IMAGE = "undecodable_image"
 _TAG_WORKER, _TAG_SAMPLE = 0x776B, 0x736D
@@ -114,10 +118,18 @@ class _MicroBatchReader(torch.utils.data.Dataset):
     """``reader[slots]`` -> collated micro-batch with its per-batch ``data_stats``.
 
     With ``collate=None`` (packing) it returns ``{"samples": [(position, sample), ...], "data_stats"}``.
+    In a DataLoader worker the result goes through ``to_wire`` (unless ``wire`` is False).
     """
 
-    def __init__(self, datasets, encode, collate, seed):
+    def __init__(self, datasets, encode, collate, seed, wire: bool = True):
         self.datasets, self.encode, self.collate, self.seed = datasets, encode, collate, seed
+        self.wire = wire
+
+    def __getitem__(self, slots: Sequence[tuple]):
+        item = self.read(slots)
+        if self.wire and torch.utils.data.get_worker_info() is not None:
+            return to_wire(item)
+        return item
 
     def load(self, position: int, ds: int, idx: int) -> dict:
         raw = self.datasets[ds].read(idx)
@@ -132,7 +144,7 @@ class _MicroBatchReader(torch.utils.data.Dataset):
                     exc.shard = raw.shard
                 raise
 
-    def __getitem__(self, slots: Sequence[tuple]):
+    def read(self, slots: Sequence[tuple]) -> dict:
         samples, reasons, shards = [], Counter(), Counter()
         seen = bad = substituted = dropped = 0
         empty = 0  # slots past the end of a finite set (validation tail): all-pad rows, not data loss
@@ -184,18 +196,22 @@ class ResumableLoader:
                  total_samples: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
                  shuffle: bool = True, max_bad_sample_fraction: float = 0.01,
                  min_samples_before_check: int = 100, num_substitutes: int = 3,
-                 pack_seq_length: int | None = None, pack_buffer_size: int = 256, keep_tail: bool = False):
+                 pack_seq_length: int | None = None, pack_buffer_size: int = 256, keep_tail: bool = False,
+                 worker_wire: bool = True):
         """``pack_seq_length``: pack samples into rows of this many tokens (None: no packing);
         ``pack_buffer_size``: samples per first-fit-decreasing round; ``keep_tail``: with
-        ``total_samples``, the last partial step too, topped up with all-pad rows (validation)."""
+        ``total_samples``, the last partial step too, topped up with all-pad rows (validation);
+        ``worker_wire``: False hands workers' results to torch's pickler as they are (the
+        transport before ``to_wire``; for the benchmark)."""
         if not 0 <= max_bad_sample_fraction <= 1:
             raise ValueError(f"--max-bad-sample-fraction must be in [0, 1], got {max_bad_sample_fraction}")
         if num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
-        self.datasets = [d if isinstance(d, ShardedDataset) else ShardedDataset(d) for d in datasets]
+        self.datasets = [open_dataset(d) for d in datasets]  # our shards, energon-prepared folders, URLs
         self.order = GlobalOrder([len(d) for d in self.datasets], weights, seed, shuffle)
         self.collate = collate
-        self.reader = _MicroBatchReader(self.datasets, encode, None if pack_seq_length else collate, seed)
+        self.reader = _MicroBatchReader(self.datasets, encode, None if pack_seq_length else collate, seed,
+                                        wire=worker_wire)
         self.packer = None if pack_seq_length is None else \
             ResumablePacker(pack_seq_length, pack_buffer_size, micro_batch_size)
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
@@ -236,6 +252,8 @@ class ResumableLoader:
     def __iter__(self):
         sampler = self._live_sampler = self._sampler()
         items = self._dataloader(sampler)
+        if self.num_workers and self.reader.wire:
+            items = map(from_wire, items)
         yield from (self._unpacked(items, sampler) if self.packer is None else self._packed(items, sampler))
 
     def _unpacked(self, items, sampler):
@@ -325,7 +343,9 @@ class ResumableLoader:
 def add_data_arguments(parser):
     """Register the loader's Megatron-style flags (for entry points that do not define them)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-path", nargs="+", help="shard dirs, optionally weighted: 0.7 dirA 0.3 dirB")
+    group.add_argument("--data-path", nargs="+",
+                       help="shard datasets, optionally weighted: 0.7 dirA 0.3 dirB; each a folder, file:///abs, "
+                            "an fsspec URL (s3://bucket/prefix) or 'pipe:CMD {name}' (docs/data.md)")
     group.add_argument("--valid-data-path", nargs="+", default=None)
     group.add_argument("--num-workers", type=int, default=2)
     group.add_argument("--max-bad-sample-fraction", type=float, default=0.01)
@@ -362,7 +382,7 @@ def build_train_valid_loaders(args, encode: Callable, collate: Callable, dp_rank
     valid = None
     if getattr(args, "valid_data_path", None):
         dirs, weights = parse_data_path(args.valid_data_path, "--valid-data-path")
-        datasets = [ShardedDataset(d) for d in dirs]
+        datasets = [open_dataset(d) for d in dirs]
         valid = ResumableLoader(datasets, weights, shuffle=False, keep_tail=True,
                                 total_samples=sum(len(d) for d in datasets), **common)
     return train, valid
