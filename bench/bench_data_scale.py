@@ -7,7 +7,14 @@ both modes fetch the same micro-batches; the CPU time of all 8 ranks together (l
 sending/receiving) is divided by the samples trained on. Ideal: the "before" figure grows with TP,
 "now" stays flat, so their ratio is TP.
 
-    python bench/bench_data_scale.py                  # writes bench/results/data_scale.json
+Order section (`--only order`, seconds, one process): memory and lookup cost of the global
+sample order (`megatron_patch/data/sampler.py`) at L = 10^6 and 10^9 samples per epoch, against
+the previous implementation (epoch-sized arrays, loaded from `git show HEAD:...`) at 10^6 and
+10^7. It goes under the key "order" of the same JSON.
+
+    python bench/bench_data_scale.py                  # both sections -> bench/results/data_scale.json
+    python bench/bench_data_scale.py --only tp        # the TP section only
+    python bench/bench_data_scale.py --only order     # the order section only
 """
 from __future__ import annotations
 
@@ -95,9 +102,97 @@ def _rank_main(flags: list, steps: int, out: str) -> None:
                      "cpu_ms_per_sample_now": round(now * 1e3, 2), "before_over_now": round(before / now, 2)})
     if dist.get_rank() == 0:
         result = {"ranks": 8, "steps": steps, "micro_batch_size": args.micro_batch_size, "rows": rows}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        _write_merged(out, result)
         print(json.dumps(result, indent=2))
+
+
+def _write_merged(out: str, part: dict) -> None:
+    """Update the JSON at ``out`` with ``part``'s keys: each section rewrites only its own."""
+    path = Path(out)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
+# ---- order section ----------------------------------------------------------------------------
+
+def _previous_sampler():
+    """The sampler module as committed at HEAD (the implementation to compare against), or None."""
+    import importlib.util
+
+    try:
+        src = subprocess.run(["git", "show", "HEAD:megatron_patch/data/sampler.py"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"order: cannot read the previous sampler from git ({e}); comparison skipped")
+        return None
+    if "def epoch(" not in src:
+        print("order: HEAD's sampler already is the on-demand one; comparison skipped")
+        return None
+    tmp = tempfile.NamedTemporaryFile("w", suffix="_previous_sampler.py", delete=False)
+    tmp.write(src)
+    tmp.close()
+    spec = importlib.util.spec_from_file_location("previous_sampler", tmp.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(tmp.name)
+    return module
+
+
+def _measure_order(make_order, L: int, rounds: int, batch: int = 4096) -> dict:
+    """tracemalloc peak of (construct + look up 1024 positions); time per position in batches."""
+    import tracemalloc
+
+    import numpy as np
+
+    make_order(1000).lookup(np.arange(1024))  # numpy's one-time first-call allocations stay out
+    tracemalloc.start()
+    order = make_order(L)
+    order.lookup(L // 2 + np.arange(1024))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del order
+    order = make_order(L)  # timings without tracemalloc, cold first batch included separately
+    times = []
+    for r in range(rounds + 1):
+        # Consecutive batches, as the sampler asks for them, spread over the first epoch.
+        start = (L // (rounds + 2)) * (r + 1)
+        t0 = time.perf_counter()
+        order.lookup(start + np.arange(batch))
+        times.append(time.perf_counter() - t0)
+    return {"L": L, "peak_mib": round(peak / 2**20, 3), "bytes_per_sample": round(peak / L, 3),
+            "first_batch_ms": round(times[0] * 1e3, 2),
+            "us_per_position": round(float(np.median(times[1:])) / batch * 1e6, 3), "batch": batch}
+
+
+def order_section(out: str, rounds: int = 5) -> dict:
+    from megatron_patch.data import sampler
+
+    def sizes(L):
+        return [L // 3, L - L // 3]  # two datasets, unweighted
+
+    result = {"datasets": "2, sizes L/3 and 2L/3, unweighted", "rounds": rounds, "now": [], "previous": []}
+    for L in (10**6, 10**9):
+        row = _measure_order(lambda L: sampler.GlobalOrder(sizes(L), seed=1), L, rounds)
+        result["now"].append(row)
+        print(f"order now       L={L:>13,}: peak {row['peak_mib']:8.3f} MiB, "
+              f"{row['us_per_position']:.3f} us/position (first batch {row['first_batch_ms']} ms)", flush=True)
+    previous = _previous_sampler()
+    if previous is not None:
+        for L in (10**6, 10**7):
+            row = _measure_order(lambda L: previous.GlobalOrder(sizes(L), seed=1), L, rounds)
+            result["previous"].append(row)
+            print(f"order previous  L={L:>13,}: peak {row['peak_mib']:8.3f} MiB, "
+                  f"{row['us_per_position']:.3f} us/position (first batch {row['first_batch_ms']} ms)", flush=True)
+        # The previous order keeps (layout int32 + sample int64) = 12 bytes per slot per cached epoch.
+        held, peak = 12 * 10**9, result["previous"][-1]["bytes_per_sample"] * 10**9
+        result["previous_1e9_estimate"] = {"held_gib": round(held / 2**30, 1), "peak_gib": round(peak / 2**30, 1)}
+        print(f"order previous  L=1,000,000,000: not measured: it would hold ~L x 12 bytes = "
+              f"{held / 2**30:.1f} GiB per cached epoch (up to 2 cached) and peak near "
+              f"{peak / 2**30:.1f} GiB while building one (measured bytes/sample at 10^7 x 10^9)")
+    _write_merged(out, {"order": result})
+    return result
 
 
 def main(argv=None) -> None:
@@ -107,10 +202,15 @@ def main(argv=None) -> None:
     p.add_argument("--image-width", type=int, default=800)
     p.add_argument("--image-height", type=int, default=600)
     p.add_argument("--longest-edge", type=int, default=490, help="images resized to this (the encoder's --image-size)")
+    p.add_argument("--only", choices=["tp", "order"], help="run one section (default: both)")
     p.add_argument("--rank-main", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank_main is not None:
         _rank_main(args.rank_main, args.steps, args.out)
+        return
+    if args.only != "tp":
+        order_section(args.out)
+    if args.only == "order":
         return
     from tests.training.fixtures import train_flags, training_inputs
 

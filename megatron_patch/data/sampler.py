@@ -8,11 +8,21 @@ function of (seed, epoch, p):
 
 * Blend: dataset d gets a fixed quota q_d of the L slots of every epoch (largest-remainder
   rounding of w_d * L; without weights w_d is proportional to its size, so q_d = n_d and an
-  epoch visits every sample exactly once, Megatron's unweighted behaviour). The slot
-  layout of epoch e is a seeded shuffle of ``repeat(d, q_d)``.
-* Within dataset d the k-th draw (k counted over all epochs: k = e * q_d + t) is
-  ``perm(seed, d, k // n_d)[k % n_d]``: a fresh seeded permutation per pass over d.
-* ``shuffle=False`` (validation) keeps datasets concatenated in stored order.
+  epoch visits every sample exactly once, Megatron's unweighted behaviour). Dataset d owns
+  the layout slots [start_d, start_d + q_d) (cumulative quotas); offset t = p % L of epoch e
+  sits on slot u = P_layout(seed, e)(t), a keyed bijection of [0, L), so each epoch holds
+  exactly q_d slots of d, scattered.
+* Within dataset d, slot u is draw number k = e * q_d + (u - start_d) (k counted over all
+  epochs) and draws ``P_perm(seed, d, k // n_d)(k % n_d)``: a fresh keyed bijection of
+  [0, n_d) per pass over d. A pass is complete once all its k are drawn; when q_d is not a
+  multiple of n_d a pass straddles epochs, and inside an epoch the draws come in layout
+  order, not in k order.
+* ``shuffle=False`` (validation) keeps datasets concatenated in stored order (both
+  bijections are the identity).
+* Memory: no array of epoch size is ever built. The bijections are Feistel networks with
+  cycle-walking (``permutation.py``), evaluated on demand from (key, index); the object holds
+  O(number of datasets) numbers, and a lookup of B positions costs O(B) time and memory
+  (one vectorised call for the layout, one per dataset for the draws).
 
 Data-parallel slicing (Megatron's ``MegatronPretrainingSampler`` convention)
 --------------------------------------------------------------------------
@@ -39,6 +49,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+
+from megatron_patch.data.permutation import permute, splitmix_step
 
 _TAG_LAYOUT, _TAG_PERM, _TAG_SUB = 0x6C61, 0x7065, 0x7375  # keep the RNG streams apart
 _MASK64 = (1 << 64) - 1
@@ -96,7 +108,10 @@ def mix64(*values: int) -> int:
 
 
 class GlobalOrder:
-    """Maps global positions to (dataset index, sample index) for a blend of datasets."""
+    """Maps global positions to (dataset index, sample index) for a blend of datasets.
+
+    Holds O(number of datasets) state; every lookup is computed from (seed, position).
+    """
 
     def __init__(self, sizes: list[int], weights: list[float] | None = None, seed: int = 1234,
                  shuffle: bool = True):
@@ -109,58 +124,63 @@ class GlobalOrder:
         self.seed = int(seed)
         self.shuffle = shuffle
         self.epoch_length = sum(self.sizes)
-        self._epochs: dict = {}
+        # Dataset d owns the layout slots [starts[d], ends[d]) of every epoch.
+        self._ends = np.cumsum(np.asarray(self.quotas, dtype=np.int64))
+        self._starts = self._ends - np.asarray(self.quotas, dtype=np.int64)
+        self._quotas = np.asarray(self.quotas, dtype=np.int64)
+        self._sizes = np.asarray(self.sizes, dtype=np.int64)
+        # State of the substitute hash after (seed, tag): only (p, attempt) vary per call.
+        self._sub_state = mix64(self.seed, _TAG_SUB)
 
-    def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, *key])
+    def _layout(self, epochs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Layout slot u in [0, L) of each (epoch, offset): a keyed bijection of [0, L) per epoch."""
+        if not self.shuffle:
+            return offsets
+        return permute(self.epoch_length, _keys(mix64(self.seed, _TAG_LAYOUT), epochs), offsets)
 
-    def _draws(self, d: int, k: np.ndarray) -> np.ndarray:
-        """Sample indices of dataset d for its draws number k (over all epochs)."""
-        n = self.sizes[d]
-        cycles, offsets = np.divmod(k, n)
+    def _draws(self, ds: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Sample index of draw number k (over all epochs) of dataset ds: a bijection per pass k // n_d."""
+        cycles, offsets = np.divmod(k, self._sizes[ds])
         if not self.shuffle:
             return offsets
         out = np.empty_like(k)
-        for c in np.unique(cycles):
-            sel = cycles == c
-            out[sel] = self._rng(_TAG_PERM, d, int(c)).permutation(n)[offsets[sel]]
+        for d in np.unique(ds).tolist():  # one vectorised call per dataset, whatever the passes
+            sel = ds == d
+            keys = _keys(mix64(self.seed, _TAG_PERM, d), cycles[sel])
+            out[sel] = permute(self.sizes[d], keys, offsets[sel])
         return out
-
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset ids, sample ids) of all L positions of epoch e (cached, two epochs kept)."""
-        if e in self._epochs:
-            return self._epochs[e]
-        layout = np.repeat(np.arange(len(self.sizes), dtype=np.int32), self.quotas)
-        if self.shuffle:
-            layout = self._rng(_TAG_LAYOUT, e).permutation(layout)
-        samples = np.empty(self.epoch_length, dtype=np.int64)
-        for d, q in enumerate(self.quotas):
-            if q:
-                samples[layout == d] = self._draws(d, e * q + np.arange(q, dtype=np.int64))
-        if len(self._epochs) >= 2:
-            self._epochs.pop(min(self._epochs))
-        self._epochs[e] = (layout, samples)
-        return layout, samples
 
     def lookup(self, positions) -> tuple[np.ndarray, np.ndarray]:
         """Global positions (any epochs) -> (dataset ids, sample ids)."""
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size and positions.min() < 0:
             raise ValueError("positions must be >= 0")
-        epochs, offsets = np.divmod(positions, self.epoch_length)
-        ds = np.empty(positions.shape, dtype=np.int64)
-        idx = np.empty(positions.shape, dtype=np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            layout, samples = self.epoch(int(e))
-            ds[sel], idx[sel] = layout[offsets[sel]], samples[offsets[sel]]
-        return ds, idx
+        flat = positions.ravel()
+        epochs, offsets = np.divmod(flat, self.epoch_length)
+        slots = self._layout(epochs, offsets)
+        # side="right" skips datasets with a zero quota (their range is empty).
+        ds = np.searchsorted(self._ends, slots, side="right").astype(np.int64)
+        k = epochs * self._quotas[ds] + (slots - self._starts[ds])
+        idx = self._draws(ds, k)
+        return ds.reshape(positions.shape), idx.reshape(positions.shape)
 
     def substitutes(self, positions, attempt: int) -> np.ndarray:
         """Substitute position number ``attempt`` (>= 1) for each position, in the same epoch."""
+        positions = np.asarray(positions, dtype=np.int64)
         L = self.epoch_length
-        return np.array([(p // L) * L + mix64(self.seed, _TAG_SUB, p, attempt) % L
-                         for p in np.asarray(positions, dtype=np.int64).tolist()], dtype=np.int64)
+        h = splitmix_step(splitmix_step(self._sub_state, positions), int(attempt))  # mix64(seed, tag, p, attempt)
+        return ((positions // L) * L + (h % np.uint64(L)).astype(np.int64)).reshape(positions.shape)
+
+
+def _keys(state: int, values: np.ndarray):
+    """mix64(..., v) for each v, continuing the chain whose state is ``state``.
+
+    A single int when all values agree (the common case: one epoch, one pass), so the
+    permutation derives its round keys once instead of per element.
+    """
+    if values.size and (values == values.flat[0]).all():
+        return int(splitmix_step(state, values.flat[0])[0])
+    return splitmix_step(state, values)
 
 
 class DistributedSampler:
