@@ -277,4 +277,12 @@ def init_off_then_load_case(tp: int, pp: int) -> dict:
         "tensors": len(got),
         "differ": [k for k in ref if not torch.equal(ref[k], got[k])],
         "nan": [k for k, v in got.items() if v.isnan().any()],
+        # megatron-core marks TP-split weights only inside its init functions; the grad norm and
+        # clipping count an unmarked weight as a TP duplicate (on TP rank 0 only).
+        "tp_attributes_differ": [(n, _tp_attributes(a), _tp_attributes(b)) for (n, a), (_, b) in zip(initialised.named_parameters(), bare.named_parameters())
+                                 if _tp_attributes(a) != _tp_attributes(b)],
     }
+
+
+def _tp_attributes(param) -> tuple:
+    return tuple(getattr(param, k, None) for k in ("tensor_model_parallel", "partition_dim", "partition_stride"))

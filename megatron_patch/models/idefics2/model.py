@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
@@ -198,9 +199,31 @@ def build_model(hf_config, opts: ParallelOptions, init_weights: bool = True) -> 
     configs = build_configs(hf_config, opts, init_weights)
     device = "cpu" if configs.language.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
     with torch.device(device):
-        return Idefics2Model(
+        model = Idefics2Model(
             configs,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             use_te=opts.uses_transformer_engine(),
         )
+    if not init_weights:
+        mark_tensor_parallel_weights(model)
+    return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Set megatron-core's TP attributes on the split weights of local layers built without init.
+
+    megatron-core sets `tensor_model_parallel` / `partition_dim` only inside its init functions, which
+    `perform_initialization=False` skips. Unmarked, a split weight counts as a TP duplicate: the grad
+    norm and clipping would take it from TP rank 0 alone.
+    """
+    # A gated MLP's fc1 holds [gate; up] interleaved per TP rank: megatron-core gives it stride 2.
+    gated_fc1 = {id(m.linear_fc1) for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit}
+    split_dims = ((tensor_parallel.ColumnParallelLinear, 0), (tensor_parallel.VocabParallelEmbedding, 0),
+                  (tensor_parallel.RowParallelLinear, 1))
+    for module in model.modules():
+        for kind, dim in split_dims:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, kind) and weight is not None and not getattr(weight, "tensor_model_parallel", False):
+                stride = 2 if id(module) in gated_fc1 else 1
+                tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, stride)
