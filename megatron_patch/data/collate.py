@@ -20,9 +20,9 @@ pixel_values             [B, N, 3, H, W] float32      vision inputs, zero-padded
 pixel_attention_mask     [B, N, H, W] bool            True on real pixels
 image_mask               [B, N] bool                  True for real vision inputs (padding images
                                                       are never inferred from zero pixels)
-pixel_lut  (raw pixels)  [3, 256] float32             with ``raw_pixels``: pixel_values are the
+pixel_norm (raw pixels)  [k, 4] or [3, 256] float32  with ``raw_pixels``: pixel_values are the
                                                       uint8 levels [B, N, 3, H, W] and this is the
-                                                      normaliser's table (``normalise_pixels``);
+                                                      normalisation (``Normaliser.as_tensor``);
                                                       absent when the batch has no image
 num_images               [B] int64                    real vision inputs per row
 cu_seqlens  (packed)     [S + 1] int32                sequence boundaries over the flattened
@@ -89,7 +89,7 @@ def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int, raw_pix
         "num_images": torch.tensor([len(s["pixel_values"]) for s in samples], dtype=torch.int64),
     }
     if raw_pixels and images[3] is not None:
-        out["pixel_lut"] = images[3]
+        out["pixel_norm"] = images[3]
     if packed:
         cu = torch.tensor(boundaries, dtype=torch.int32)
         out["cu_seqlens"] = cu

@@ -210,6 +210,18 @@ class Normaliser:
         normalise = [(np.subtract, const(mean)), (np.divide, const(std))] if cfg.do_normalize else []
         yield rescale + normalise
 
+    _OPS = {np.divide: 1.0, np.subtract: 2.0}
+
+    def as_tensor(self) -> torch.Tensor:
+        """This normalisation for ``normalise_pixels``: the in-place ops in use as rows
+        ``[op (1 divide, 2 subtract), value per channel x 3]`` float32, or, without them, the table
+        ``[3, 256]``."""
+        if self.steps is None:
+            return torch.from_numpy(self.lut.copy())
+        rows = [[self._OPS[ufunc], *np.broadcast_to(np.asarray(value, np.float32).reshape(-1), (3,))]
+                for ufunc, value in self.steps]
+        return torch.tensor(rows, dtype=torch.float32)
+
     def __call__(self, pixels: np.ndarray, out: np.ndarray) -> None:
         """Write pixels [h, w, 3] uint8 into out [3, h, w] float32 (may be a view into a batch)."""
         if self.steps is None:
@@ -291,12 +303,12 @@ def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]], ra
     Each input is a ``PendingImage`` (normalised straight into its slot) or a float ``[3, h, w]``
     tensor (copied as is). With ``raw``, pixel_values keep the ``PendingImage``s' uint8 levels
     (4x fewer bytes to move between ranks and to the GPU); ``normalise_pixels`` on the device then
-    gives the float values bit for bit, through the normaliser's table returned as ``lut``.
+    gives the float values bit for bit, from the normaliser's ``as_tensor()`` returned as ``norm``.
 
     Returns pixel_values [B, max_images, 3, H, W] float32 (uint8 with ``raw``; zeros in padding),
     pixel_attention_mask [B, max_images, H, W] bool (True on real pixels),
     image_mask [B, max_images] bool (True for real images; padding images are never
-    inferred from their pixels) and, with ``raw``, lut ([3, 256] float32, or None without images).
+    inferred from their pixels) and, with ``raw``, norm (float32, or None without images).
     With no image in the batch, max_images, H and W are 0.
     """
     batch = len(per_sample)
@@ -311,7 +323,7 @@ def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]], ra
     pixel_mask = torch.from_numpy(np.zeros((batch, max_images, height, width), dtype=np.bool_))
     image_mask = torch.zeros(batch, max_images, dtype=torch.bool)
     values = pixel_values.numpy()  # the same memory, for numpy writers
-    lut = None
+    norm = None
     for b, images in enumerate(per_sample):
         for i, img in enumerate(images):
             h, w = img.shape[-2:]
@@ -319,7 +331,7 @@ def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]], ra
                 if not isinstance(img, PendingImage):
                     raise TypeError("raw pixel batches need the encoder's uint8 PendingImages, got a float tensor")
                 values[b, i, :, :h, :w] = img.pixels.transpose(2, 0, 1)
-                lut = img.normaliser.lut
+                norm = img.normaliser
             elif isinstance(img, PendingImage):
                 img.write_to(values[b, i, :, :h, :w])  # normalised straight into its slot
             else:
@@ -327,24 +339,31 @@ def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]], ra
             pixel_mask[b, i, :h, :w] = True
             image_mask[b, i] = True
     if raw:
-        return pixel_values, pixel_mask, image_mask, None if lut is None else torch.from_numpy(lut.copy())
+        return pixel_values, pixel_mask, image_mask, None if norm is None else norm.as_tensor()
     return pixel_values, pixel_mask, image_mask
 
 
 def normalise_pixels(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
-                     lut: Optional[torch.Tensor]) -> torch.Tensor:
+                     norm: Optional[torch.Tensor]) -> torch.Tensor:
     """uint8 pixel_values of ``pad_images(raw=True)`` -> the float32 ones, on their device.
 
-    Each channel's level is looked up in the normaliser's [3, 256] table (HF's arithmetic per level),
-    so the result equals the CPU normalisation bit for bit; padding stays 0 as in HF's layout.
+    ``norm`` (``Normaliser.as_tensor``) holds the float32 ops the CPU normaliser checked against HF's
+    numbers on all 256 levels, run here in the same order (IEEE float32 division and subtraction
+    round the same on every device), or else its per-level table. Padding stays 0, HF's layout.
     """
     if pixel_values.dtype != torch.uint8:
         return pixel_values
     if pixel_values.numel() == 0:
         return pixel_values.float()
-    if lut is None:
-        raise ValueError("uint8 pixel_values need their normalisation table (pixel_lut)")
-    channel = torch.arange(3, device=pixel_values.device).view(3, 1, 1) * 256
-    flat = lut.to(device=pixel_values.device, dtype=torch.float32).reshape(-1)
-    values = torch.take(flat, pixel_values.long() + channel)
+    if norm is None:
+        raise ValueError("uint8 pixel_values need their normalisation (pixel_norm)")
+    norm = norm.to(device=pixel_values.device, dtype=torch.float32)
+    if norm.shape[-1] == 256:  # the table: one value per channel and level
+        channel = torch.arange(3, device=pixel_values.device).view(3, 1, 1) * 256
+        values = torch.take(norm.reshape(-1), pixel_values.long() + channel)
+    else:
+        values = pixel_values.float()
+        for op, *per_channel in norm:
+            value = torch.stack(per_channel).view(3, 1, 1)
+            values = values.div_(value) if int(op) == 1 else values.sub_(value)
     return values.masked_fill_(~pixel_attention_mask.bool().unsqueeze(2), 0.0)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 PIPELINE_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "cu_seqlens", "max_seqlen")
-IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_mask", "pixel_lut")
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_mask", "pixel_norm")
 
 
 def loads_data() -> bool:

@@ -95,7 +95,7 @@ def _float_pixels(batch: dict) -> dict:
     """The loader's uint8 pixels (collate's ``raw_pixels``) normalised here, on the device."""
     if "pixel_values" in batch:
         batch["pixel_values"] = normalise_pixels(batch["pixel_values"], batch["pixel_attention_mask"],
-                                                 batch.pop("pixel_lut", None))
+                                                 batch.pop("pixel_norm", None))
     return batch
 
 

@@ -155,26 +155,32 @@ def test_collate_rejects_overlong_samples():
         collate([_fake_sample(10, 1)], seq_length=8, pad_token_id=0)
 
 
-@pytest.mark.parametrize("splitting", [False, True], ids=["whole", "split"])
-def test_raw_pixels_normalised_later_equal_the_float_batch(splitting):
+@pytest.mark.parametrize("splitting, ops", [(False, True), (True, True), (False, False)],
+                         ids=["whole-ops", "split-ops", "whole-table"])
+def test_raw_pixels_normalised_later_equal_the_float_batch(splitting, ops):
     """Training collates uint8 levels (4x fewer bytes between ranks and to the GPU) and normalises
-    them on the device: the float pixels must equal the CPU-normalised batch bit for bit."""
+    them on the device: the float pixels must equal the CPU-normalised batch bit for bit, with the
+    normaliser's float ops and with its per-level table."""
     from megatron_patch.data.image_processing import normalise_pixels
 
     encoder = _encoder(splitting)
+    assert encoder.transform.normaliser.steps is not None  # Idefics2's settings have exact float ops
+    if not ops:
+        encoder.transform.normaliser.steps = None
     samples = [encoder.encode(r, imgs) for r, imgs in _records()]
     floats = Collator(SEQ, encoder.pad_token_id)(samples)
     raw = Collator(SEQ, encoder.pad_token_id, raw_pixels=True)(samples)
-    assert raw["pixel_values"].dtype == torch.uint8 and raw["pixel_lut"].shape == (3, 256)
+    assert raw["pixel_values"].dtype == torch.uint8
+    assert raw["pixel_norm"].shape == ((2, 4) if ops else (3, 256))
     assert raw["pixel_values"].shape == floats["pixel_values"].shape
-    assert raw.keys() - floats.keys() == {"pixel_lut"}
+    assert raw.keys() - floats.keys() == {"pixel_norm"}
     for key in floats:
         if key != "pixel_values":
             assert torch.equal(raw[key], floats[key]), key
-    pixels = normalise_pixels(raw["pixel_values"], raw["pixel_attention_mask"], raw["pixel_lut"])
+    pixels = normalise_pixels(raw["pixel_values"], raw["pixel_attention_mask"], raw["pixel_norm"])
     assert pixels.dtype == torch.float32 and torch.equal(pixels, floats["pixel_values"])
 
     text_only = Collator(SEQ, encoder.pad_token_id, raw_pixels=True)([samples[1]])
-    assert "pixel_lut" not in text_only
+    assert "pixel_norm" not in text_only
     empty = normalise_pixels(text_only["pixel_values"], text_only["pixel_attention_mask"], None)
     assert empty.dtype == torch.float32 and empty.numel() == 0
