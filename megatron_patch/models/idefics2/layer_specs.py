@@ -2,7 +2,8 @@
 
 Local layers use megatron-core's local spec with `TorchNorm` for every norm, so --sequence-parallel
 works without transformer-engine too, and `SDPAttention` (torch SDPA) as core attention instead of
-megatron-core's unfused `DotProductAttention`, which materialises every [s, s] score matrix.
+megatron-core's unfused `DotProductAttention`, which materialises every [s, s] score matrix, and
+`SwiGLUMLP` (megatron-core's MLP whose unfused SwiGLU keeps one tensor for backward, not four).
 
 Parameter names in checkpoints are the canonical megatron-core ones (TE-style: the layer norms that TE
 fuses into the following linear are stored as `...linear_qkv.layer_norm_weight` and
@@ -23,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_patch.models.idefics2.norms import TorchNorm
 from megatron_patch.models.idefics2.sdpa_attention import SDPAttention
+from megatron_patch.models.idefics2.swiglu import SwiGLUMLP
 
 # Canonical (TE-fused) name fragment -> local spec's module name fragment.
 _LOCAL_NAMES = {
@@ -59,7 +61,8 @@ def _layer_spec(use_te: bool) -> ModuleSpec:
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
     )
-    local = dict(input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention)
+    mlp = dataclasses.replace(spec.submodules.mlp, module=SwiGLUMLP)
+    local = dict(input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention, mlp=mlp)
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **local))
 
 

@@ -14,6 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from megatron_patch.models.idefics2.norms import TorchNorm
+from megatron_patch.models.idefics2.swiglu import SwiGLUMLP
 from megatron_patch.models.idefics2.varlen_attention import varlen_attention
 
 
@@ -24,7 +25,7 @@ def _rms_norm(config: TransformerConfig) -> nn.Module:
 def gated_mlp(config: TransformerConfig, input_size: int | None = None) -> MLP:
     """megatron-core MLP with gate and up fused in linear_fc1 (SwiGLU-style)."""
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    return MLP(config, submodules, input_size=input_size)
+    return SwiGLUMLP(config, submodules, input_size=input_size)
 
 
 class PackedImages:
