@@ -18,7 +18,7 @@ from megatron_patch.models.idefics2.model_loading import (
 )
 from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
 from megatron_patch.models.idefics2.tiny import randomize_weights, tiny_idefics2_config
-from megatron_patch.platform import init_distributed
+from megatron_patch.platform import get_device, init_distributed
 
 
 def llama3_rope(factor: float) -> dict:
@@ -56,19 +56,21 @@ def build_from_hf(config, hf_model, opts: ParallelOptions, init_weights: bool = 
 
 
 def parity_case(text: str, tp: int, pp: int, num_images: int, tied: bool = False, first_stage_layers=None,
-                rope=None, megatron_rope=None, text_tokens: int = 12):
+                rope=None, megatron_rope=None, text_tokens: int = 12, use_te: bool = False):
     """Max abs diff per component between Megatron at tp x pp and transformers (on rank 0).
 
     `rope`: the text config's `rope_parameters`; `megatron_rope`: other ones for the Megatron model
-    only (to show a RoPE setting matters); `text_tokens` per sample besides the image blocks.
+    only (to show a RoPE setting matters); `text_tokens` per sample besides the image blocks;
+    `use_te`: transformer-engine layers (the Megatron model on this rank's device, CUDA with TE).
     """
     init_distributed(tp, pp, seed=1234)
     config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope)
-    opts = ParallelOptions(tp, pp, decoder_first_pipeline_num_layers=first_stage_layers)
+    opts = ParallelOptions(tp, pp, decoder_first_pipeline_num_layers=first_stage_layers, use_transformer_engine=use_te)
     megatron_config = config if megatron_rope is None else with_rope(config, megatron_rope)
-    model = build_from_hf(megatron_config, hf_model, opts).eval()
+    device = get_device()
+    model = build_from_hf(megatron_config, hf_model, opts).to(device).eval()
     inputs = random_inputs(config, batch_size=2, num_images=num_images, text_tokens=text_tokens, seed=7)
-    ours = megatron_outputs([model], inputs, config.text_config.vocab_size)
+    ours = megatron_outputs([model], {k: v.to(device) for k, v in inputs.items()}, config.text_config.vocab_size)
     if dist.get_rank() != 0:
         return None
     reference = hf_outputs(hf_model, inputs)

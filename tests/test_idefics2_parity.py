@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_patch.platform import accelerators
 from tests import idefics2_cases as cases
 from tests.distributed_harness import run_distributed
 
@@ -23,6 +24,14 @@ def test_forward_parity(text, tp, pp):
     # Llama-style runs with a tied head: it lives on both the first and last stage when PP > 1.
     num_images = 3 if text == "llama" else 2
     results = run_distributed(tp * pp, cases.parity_case, text, tp, pp, num_images, tied=(text == "llama"))
+    _check(results[0])
+
+
+@pytest.mark.skipif(not accelerators()["transformer_engine"] or not torch.cuda.is_available(),
+                    reason="--transformer-impl transformer_engine needs transformer-engine and CUDA; the local layers are tested above")
+@pytest.mark.parametrize("text", ["mistral", "llama"])
+def test_forward_parity_with_transformer_engine_layers(text):
+    results = run_distributed(1, cases.parity_case, text, 1, 1, 2, tied=(text == "llama"), use_te=True)
     _check(results[0])
 
 

@@ -55,8 +55,9 @@ class ParallelOptions:
     """--recompute-num-layers: layers per recompute unit (with full recompute)."""
     params_dtype: torch.dtype = torch.float32
     """Parameter dtype: torch.float32 or torch.bfloat16 (--bf16)."""
-    use_transformer_engine: Optional[bool] = None
-    """Build layers from transformer-engine specs; None: use TE when it is importable."""
+    use_transformer_engine: bool = False
+    """--transformer-impl transformer_engine: build layers from transformer-engine specs (it must be
+    importable); the default is the local torch layers (SDPA attention), never chosen silently."""
     use_cpu_initialization: Optional[bool] = None
     """--use-cpu-initialization: create (and initialise) parameters on the CPU, then move them. None:
     only when CUDA is absent; on a GPU parameters are created on the device (no per-rank host copy of
@@ -68,11 +69,7 @@ class ParallelOptions:
     None: on when CUDA is present (on CPU torch.compile would need a C++ compiler and gains little)."""
 
     def uses_transformer_engine(self) -> bool:
-        if self.use_transformer_engine is None:
-            from megatron_patch.platform import accelerators
-
-            return accelerators()["transformer_engine"]
-        return self.use_transformer_engine
+        return bool(self.use_transformer_engine)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""ModuleSpecs for the Idefics2 towers: transformer-engine layers when TE is importable, local otherwise.
+"""ModuleSpecs for the Idefics2 towers: local (torch) layers, or transformer-engine layers when asked for.
 
 Local layers use megatron-core's local spec with `TorchNorm` for every norm, so --sequence-parallel
 works without transformer-engine too, and `SDPAttention` (torch SDPA) as core attention instead of

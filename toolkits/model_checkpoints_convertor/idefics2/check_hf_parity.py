@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--atol", type=float, default=None, help="max allowed logit diff (default 1e-4 fp32, 5e-2 bf16)")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="Megatron layers: local torch layers, or transformer-engine's (must be installed)")
     p.add_argument("--save-outputs", default=None, help="write the inputs used and the Megatron logits here (.pt)")
     args = p.parse_args(argv)
     if args.iteration is not None and args.load is None:
@@ -179,6 +181,7 @@ def main(argv=None) -> int:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         params_dtype=dtype,
+        use_transformer_engine=args.transformer_impl == "transformer_engine",
     )
     try:  # before any process group or model exists; every rank sees the same error, rank 0 says it
         config, iteration = megatron_config(args)
