@@ -12,10 +12,14 @@ A step, for both: zero grads, forward with loss, backward, torch AdamW step over
 One micro-batch of 2 rows x seq, one 224 px image per row (<image> block at the start, random text
 after); labels are the next tokens. Before timing, the two losses are checked to agree (rel 1e-4).
 Rounds alternate (ours, transformers, ours, ...) per sequence length; medians are reported.
+`--packed SEQ`: 2 x `--per-row` samples of random lengths (one image each); ours packs them into 2 rows
+of SEQ (attention inside each sample), transformers gets one sample per row, right padded; tokens/s
+count real tokens only, and the losses are checked to agree first.
 
     python bench/bench_train_step.py                          # seq 1024 and 2048, writes bench/results/train_step.json
     python bench/bench_train_step.py --seqs 1024 --rounds 3 --profile 1024
     python bench/bench_train_step.py --memory                 # also peak RSS growth of two steps, fresh process each
+    python bench/bench_train_step.py --seqs --packed 2048 --per-row 4 --out bench/results/train_step_packed.json
 """
 from __future__ import annotations
 
@@ -97,14 +101,60 @@ def make_batch(config, seq: int, seed: int = 0) -> dict:
     }
 
 
+def make_packed_batches(config, seq: int, per_row: int, seed: int = 0) -> tuple[dict, dict]:
+    """The same ROWS * per_row samples (one image each, random lengths) two ways: ours packed into ROWS
+    rows of seq (`cu_seqlens`, attention inside each sample), transformers' one sample per row, right
+    padded to the longest (what an HF training loop does without packing)."""
+    from megatron_patch.data.packing import packed_seq_params
+
+    g = torch.Generator().manual_seed(seed)
+    latents = config.perceiver_config.resampler_n_latents
+    size = config.vision_config.image_size
+    vocab = config.text_config.vocab_size
+    block = [config.fake_image_token_id] + [config.image_token_id] * latents + [config.fake_image_token_id]
+    shortest = len(block) + 16
+    samples, rows, bounds = [], [], [0]
+    for _ in range(ROWS):
+        cuts = sorted(torch.randperm(seq - per_row * shortest, generator=g)[: per_row - 1].tolist())
+        lengths = [b - a + shortest for a, b in zip([0] + cuts, cuts + [seq - per_row * shortest])]
+        row = []
+        for n in lengths:
+            ids = torch.cat([torch.tensor(block), torch.randint(0, vocab - 3, (n - len(block),), generator=g)])
+            samples.append(ids)
+            row.append(ids)
+            bounds.append(bounds[-1] + n)
+        rows.append(torch.cat(row))
+    pixels = torch.randn(len(samples), 3, size, size, generator=g)
+    ids = torch.stack(rows)
+    labels = torch.roll(ids, -1, dims=1)
+    loss_mask = torch.ones(ROWS, seq)
+    loss_mask.view(-1)[torch.tensor(bounds[1:]) - 1] = 0  # a sample's last token predicts nothing
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    ours = {"input_ids": ids, "position_ids": torch.arange(seq).unsqueeze(0).expand(ROWS, -1),
+            "pixel_values": pixels.view(ROWS, per_row, 3, size, size),
+            "pixel_attention_mask": torch.ones(ROWS, per_row, size, size, dtype=torch.bool),
+            "image_mask": torch.ones(ROWS, per_row, dtype=torch.bool), "labels": labels, "loss_mask": loss_mask,
+            "packed_seq_params": packed_seq_params({"cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max()}),
+            "real_tokens": ROWS * seq}
+    longest = max(len(x) for x in samples)
+    hf_ids = torch.zeros(len(samples), longest, dtype=torch.long)
+    mask = torch.zeros(len(samples), longest, dtype=torch.long)
+    for i, x in enumerate(samples):
+        hf_ids[i, : len(x)], mask[i, : len(x)] = x, 1
+    theirs = {"input_ids": hf_ids, "attention_mask": mask, "labels": hf_ids.masked_fill(mask == 0, -100),
+              "pixel_values": pixels.unsqueeze(1), "pixel_attention_mask": torch.ones(len(samples), 1, size, size, dtype=torch.bool),
+              "real_tokens": ROWS * seq}
+    return ours, theirs
+
+
 def hf_loss(hf, b):
     return hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-              pixel_attention_mask=b["pixel_attention_mask"], labels=b["input_ids"]).loss
+              pixel_attention_mask=b["pixel_attention_mask"], labels=b.get("labels", b["input_ids"])).loss
 
 
 def our_loss(ours, b):
     per_token = ours(b["input_ids"], b["position_ids"], b["pixel_values"], b["pixel_attention_mask"], b["image_mask"],
-                     labels=b["labels"])
+                     labels=b["labels"], packed_seq_params=b.get("packed_seq_params"))
     return (per_token.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
 
 
@@ -121,9 +171,9 @@ def make_step(model, loss_fn, batch):
     return step
 
 
-def check_losses(hf, ours, batch) -> dict:
+def check_losses(hf, ours, batch, hf_batch=None) -> dict:
     with torch.no_grad():
-        a, b = float(hf_loss(hf, batch)), float(our_loss(ours, batch))
+        a, b = float(hf_loss(hf, batch if hf_batch is None else hf_batch)), float(our_loss(ours, batch))
     rel = abs(a - b) / abs(a)
     if rel > 1e-4:
         raise SystemExit(f"losses differ: transformers {a:.6f}, ours {b:.6f} (rel {rel:.2e} > 1e-4); not the same computation")
@@ -169,7 +219,10 @@ def profile_step(step, top: int = 12) -> list:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--seqs", type=int, nargs="*", default=[1024, 2048])
+    p.add_argument("--packed", type=int, nargs="*", default=[],
+                   help="also these row lengths with --per-row samples packed per row (transformers: one per row, padded)")
+    p.add_argument("--per-row", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="peak RSS growth of two steps per impl and seq (fresh process each)")
@@ -184,7 +237,7 @@ def main() -> None:
     if args.memory_only:
         result = json.loads(Path(args.out).read_text())
         for row in result["seqs"]:
-            if row["seq"] in args.seqs:
+            if row["seq"] in args.seqs and "packed_samples_per_row" not in row:
                 row["peak_rss_growth_mib"] = {k: round(peak_rss_growth(k, row["seq"]), 1) for k in ("ours", "transformers")}
                 print(row["seq"], row["peak_rss_growth_mib"], flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -198,10 +251,11 @@ def main() -> None:
         "optimizer": "torch.optim.AdamW over all parameters, both models", "rounds": args.rounds, "rows": ROWS,
         "config": {"vision": VISION, "text": TEXT, "perceiver": PERCEIVER}, "parameters": params, "seqs": [],
     }
-    for seq in args.seqs:
-        batch = make_batch(config, seq)
-        losses = check_losses(hf, ours, batch)
-        steps = {"ours": make_step(ours, our_loss, batch), "transformers": make_step(hf, hf_loss, batch)}
+    cases = [(seq, None, make_batch(config, seq), None) for seq in args.seqs]
+    cases += [(seq, args.per_row, *make_packed_batches(config, seq, args.per_row)) for seq in args.packed]
+    for seq, per_row, batch, hf_batch in cases:
+        losses = check_losses(hf, ours, batch, hf_batch)
+        steps = {"ours": make_step(ours, our_loss, batch), "transformers": make_step(hf, hf_loss, hf_batch or batch)}
         for fn in steps.values():
             fn()  # warm-up, optimizer state created
         times = {k: [] for k in steps}
@@ -213,16 +267,18 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {
             "seq": seq, "loss_check": losses,
+            **({"packed_samples_per_row": per_row, "transformers_rows": ROWS * per_row,
+                "transformers_padded_length": hf_batch["input_ids"].shape[1]} if per_row else {}),
             "ours_ms": round(med["ours"] * 1e3, 1), "transformers_ms": round(med["transformers"] * 1e3, 1),
             "ours_tokens_per_s": round(ROWS * seq / med["ours"], 1),
             "transformers_tokens_per_s": round(ROWS * seq / med["transformers"], 1),
             "ratio_transformers_over_ours": round(med["transformers"] / med["ours"], 3),
             "ms_per_round": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
         }
-        if seq in args.profile:
+        if seq in args.profile and not per_row:
             row["profile_top_self_cpu"] = {k: profile_step(fn) for k, fn in steps.items()}
         del steps
-        if args.memory:
+        if args.memory and not per_row:
             row["peak_rss_growth_mib"] = {k: round(peak_rss_growth(k, seq), 1) for k in ("ours", "transformers")}
         result["seqs"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "profile_top_self_cpu"}), flush=True)
@@ -231,7 +287,8 @@ def main() -> None:
     print(f"\n| seq | ours (ms) | transformers (ms) | ours tokens/s | transformers tokens/s | transformers / ours |")
     print("|---|---|---|---|---|---|")
     for r in result["seqs"]:
-        print(f"| {r['seq']:,} | {r['ours_ms']:,.0f} | {r['transformers_ms']:,.0f} | {r['ours_tokens_per_s']:,.0f} | "
+        packed = f" packed x{r['packed_samples_per_row']}" if "packed_samples_per_row" in r else ""
+        print(f"| {r['seq']:,}{packed} | {r['ours_ms']:,.0f} | {r['transformers_ms']:,.0f} | {r['ours_tokens_per_s']:,.0f} | "
               f"{r['transformers_tokens_per_s']:,.0f} | {r['ratio_transformers_over_ours']:.2f} |")
 
 

@@ -46,7 +46,7 @@ train() {  # the same run each time; --load follows the tracker (release first, 
     --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --load "$CKPT" --save "$CKPT" \
     --data-path "$OUT/shards/train" --valid-data-path "$OUT/shards/valid" --answer-loss-only \
     --micro-batch-size 8 --global-batch-size 32 --seq-length 32 --num-workers 0 \
-    --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 3 --lr-decay-style cosine \
+    --lr 5e-3 --min-lr 5e-4 --lr-warmup-iters 3 --lr-decay-style cosine \
     --lr-decay-iters "$RESUME_ITERS" --log-interval 1 --eval-interval 30 --save-interval 45 "$@"
 }
 step "4/6 train from release to iteration $ITERS (4 gloo ranks), then resume to $RESUME_ITERS"
