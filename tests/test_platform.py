@@ -69,6 +69,42 @@ def test_accelerator_probe_survives_a_broken_install(monkeypatch):
     assert probe._importable("json") is True
 
 
+_EXIT_CHECK = """
+import atexit, os, sys
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron_patch.platform import init_distributed
+
+def after_ours():  # atexit runs handlers last-in first-out: this one runs after the platform's
+    print(f"after exit: distributed={dist.is_initialized()} model_parallel={parallel_state.model_parallel_is_initialized()}", flush=True)
+
+atexit.register(after_ours)
+init_distributed(2, 1, seed=1)
+if dist.get_rank() == 1:
+    sys.exit(1)  # one rank leaves with an error, its peer finishes normally
+"""
+
+
+def test_process_groups_are_shut_down_before_the_interpreter_finalises(tmp_path):
+    """Left to finalisation, gloo's and the store's threads can abort a process that already exited."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, "-c", _EXIT_CHECK], stdout=subprocess.PIPE, text=True,
+                              env={**base, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 1], outputs
+    for out in outputs:
+        assert "after exit: distributed=False model_parallel=False" in out, out
+
+
 def test_api_on_one_rank():
     (report,) = run_distributed(1, _api_job)
     assert report["device"] == "cpu" and report["cpu_compat_applied"]

@@ -1,11 +1,13 @@
 """Device and backend choice, torch.distributed start-up and megatron-core model-parallel state.
 
 CUDA present: NCCL on `cuda:LOCAL_RANK`, nothing redirected. CUDA absent: gloo on CPU with the
-compatibility layer of `cpu_compat` applied once. The process group lives for the whole process;
-the model-parallel layout on top of it can be torn down and rebuilt (`init_distributed` again).
+compatibility layer of `cpu_compat` applied once. The process group lives for the whole process
+and is shut down at exit; the model-parallel layout on top of it can be torn down and rebuilt
+(`init_distributed` again).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from datetime import timedelta
@@ -72,6 +74,21 @@ def _init_process_group(timeout_minutes: int) -> None:
         world_size=world_size,
         timeout=timedelta(minutes=timeout_minutes),
     )
+    atexit.register(_shut_down_at_exit)
+
+
+def _shut_down_at_exit() -> None:
+    """Close every group and the store while the interpreter is alive, on every way out (success,
+    one-line error, exception). Left to the interpreter's finalisation, gloo's worker threads and
+    the TCP store's server thread are torn down after Python is gone and the process can abort
+    (SIGABRT, "terminate called without an active exception") after it already reported its result.
+    Local, no barrier: the other ranks may be anywhere when one rank leaves with an error.
+    """
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()  # drop megatron's references to the groups
+    if dist.is_initialized():
+        dist.destroy_process_group()  # all groups, the default one last
 
 
 def init_distributed(
