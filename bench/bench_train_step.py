@@ -20,6 +20,16 @@ count real tokens only, and the losses are checked to agree first.
     python bench/bench_train_step.py --seqs 1024 --rounds 3 --profile 1024
     python bench/bench_train_step.py --memory                 # also peak RSS growth of two steps, fresh process each
     python bench/bench_train_step.py --seqs --packed 2048 --per-row 4 --out bench/results/train_step_packed.json
+
+On a GPU (used wherever CUDA is; `CUDA_VISIBLE_DEVICES=` for the CPU): `--size 1b` is a ~1B Idefics2-shaped model
+(SigLIP 768 x 12 at 384 px, perceiver 64 latents x 3, LLM 2048 hidden x 16 layers with GQA, vocabulary
+32,000), `--dtype bf16` runs both models with bf16 parameters and inputs (the same AdamW for both).
+Steps are timed between CUDA synchronisations; rows add TFLOP/s and MFU from the project's one FLOP
+count (`megatron_patch.training.flops`, the same useful work for both models) and the peak of CUDA
+memory a step allocates above the resident models.
+
+    python bench/bench_train_step.py --size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 \
+        --rounds 5 --out bench/results/train_step_gpu.json
 """
 from __future__ import annotations
 
@@ -45,36 +55,57 @@ TEXT = dict(
     num_key_value_heads=2, head_dim=64, vocab_size=4096, sliding_window=None, rope_theta=10000.0, tie_word_embeddings=False,
 )
 PERCEIVER = dict(hidden_size=512, resampler_n_latents=64, resampler_depth=2, resampler_n_heads=8, resampler_head_dim=64, num_key_value_heads=2)
+SIZES = {
+    "small": (VISION, TEXT, PERCEIVER),
+    "1b": (
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=384, patch_size=14),
+        dict(TEXT, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=8, head_dim=128, vocab_size=32000),
+        dict(PERCEIVER, hidden_size=2048, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=128, num_key_value_heads=4),
+    ),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2}  # bf16: both round differently, the loss must still agree closely
 ROWS = 2
 
 
-def bench_config():
+def bench_config(size: str = "small"):
     from transformers import Idefics2Config
 
-    vocab = TEXT["vocab_size"]
-    return Idefics2Config(vision_config=VISION, perceiver_config=PERCEIVER, text_config=TEXT, tie_word_embeddings=False,
+    vision, text, perceiver = SIZES[size]
+    vocab = text["vocab_size"]
+    return Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text, tie_word_embeddings=False,
                           image_token_id=vocab - 2, fake_image_token_id=vocab - 3)
 
 
-def build_pair():
-    """(config, transformers model, our model) with the same weights; distributed state initialised."""
+def build_pair(size: str = "small", dtype: str = "fp32"):
+    """(config, transformers model, our model) with the same weights, on this process's device (CUDA
+    where there is one) in `dtype`; distributed state initialised."""
     from transformers import Idefics2ForConditionalGeneration
 
     from megatron_patch.models.idefics2.config import ParallelOptions
     from megatron_patch.models.idefics2.tiny import randomize_weights
-    from megatron_patch.platform import init_distributed
+    from megatron_patch.platform import get_device, init_distributed
     from tests.idefics2_cases import build_from_hf
 
     init_distributed(1, 1, seed=1234)
-    config = bench_config()
+    device = get_device()
+    config = bench_config(size)
     config._attn_implementation = "sdpa"
     for sub in (config.vision_config, config.perceiver_config, config.text_config):
         sub._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    hf = Idefics2ForConditionalGeneration(config)
+    with device:  # a 1B model is built where it runs, not on the host first
+        hf = Idefics2ForConditionalGeneration(config)
     randomize_weights(hf, seed=0, scale=0.02)
-    ours = build_from_hf(config, hf, ParallelOptions(1, 1, use_transformer_engine=False))
-    return config, hf.train(), ours.train()
+    ours = build_from_hf(config, hf, ParallelOptions(1, 1, params_dtype=DTYPES[dtype], use_transformer_engine=False))
+    return config, hf.to(DTYPES[dtype]).train(), ours.to(device).train()
+
+
+def to_device(batch: dict, device, dtype: str) -> dict:
+    """The batch where the models are; pixels in the models' dtype (ids, labels and masks unchanged)."""
+    return {k: v.to(device=device, dtype=DTYPES[dtype] if k == "pixel_values" else None) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 def make_batch(config, seq: int, seed: int = 0) -> dict:
@@ -105,8 +136,6 @@ def make_packed_batches(config, seq: int, per_row: int, seed: int = 0) -> tuple[
     """The same ROWS * per_row samples (one image each, random lengths) two ways: ours packed into ROWS
     rows of seq (`cu_seqlens`, attention inside each sample), transformers' one sample per row, right
     padded to the longest (what an HF training loop does without packing)."""
-    from megatron_patch.data.packing import packed_seq_params
-
     g = torch.Generator().manual_seed(seed)
     latents = config.perceiver_config.resampler_n_latents
     size = config.vision_config.image_size
@@ -134,7 +163,7 @@ def make_packed_batches(config, seq: int, per_row: int, seed: int = 0) -> tuple[
             "pixel_values": pixels.view(ROWS, per_row, 3, size, size),
             "pixel_attention_mask": torch.ones(ROWS, per_row, size, size, dtype=torch.bool),
             "image_mask": torch.ones(ROWS, per_row, dtype=torch.bool), "labels": labels, "loss_mask": loss_mask,
-            "packed_seq_params": packed_seq_params({"cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max()}),
+            "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max(),
             "real_tokens": ROWS * seq}
     longest = max(len(x) for x in samples)
     hf_ids = torch.zeros(len(samples), longest, dtype=torch.long)
@@ -153,8 +182,11 @@ def hf_loss(hf, b):
 
 
 def our_loss(ours, b):
+    from megatron_patch.data.packing import packed_seq_params
+
+    packed = packed_seq_params(b) if "cu_seqlens" in b else None  # as the training loop builds it
     per_token = ours(b["input_ids"], b["position_ids"], b["pixel_values"], b["pixel_attention_mask"], b["image_mask"],
-                     labels=b["labels"], packed_seq_params=b.get("packed_seq_params"))
+                     labels=b["labels"], packed_seq_params=packed)
     return (per_token.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
 
 
@@ -171,13 +203,26 @@ def make_step(model, loss_fn, batch):
     return step
 
 
-def check_losses(hf, ours, batch, hf_batch=None) -> dict:
+def check_losses(hf, ours, batch, hf_batch=None, rtol: float = 1e-4) -> dict:
     with torch.no_grad():
         a, b = float(hf_loss(hf, batch if hf_batch is None else hf_batch)), float(our_loss(ours, batch))
     rel = abs(a - b) / abs(a)
-    if rel > 1e-4:
-        raise SystemExit(f"losses differ: transformers {a:.6f}, ours {b:.6f} (rel {rel:.2e} > 1e-4); not the same computation")
+    if rel > rtol:
+        raise SystemExit(f"losses differ: transformers {a:.6f}, ours {b:.6f} (rel {rel:.2e} > {rtol:g}); not the same computation")
     return {"transformers": a, "ours": b, "rel_diff": rel}
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_flops(config, seq: int, num_images: int) -> float:
+    """The useful work of one step (the project's FLOP count; full-size images), the same for both models."""
+    from megatron_patch.training.flops import BatchShapes, training_flops
+
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return training_flops(config, BatchShapes.from_patches(ROWS, seq, [side * side] * num_images))
 
 
 def peak_rss_growth(impl: str, seq: int) -> float:
@@ -228,6 +273,8 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="peak RSS growth of two steps per impl and seq (fresh process each)")
     p.add_argument("--memory-only", action="store_true", help="add --memory figures to the rows of an existing --out")
     p.add_argument("--profile", type=int, nargs="*", default=[], help="seq lengths to profile one step of each at")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (1b: for a GPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameters and inputs of both models")
     p.add_argument("--out", default=str(REPO / "bench/results/train_step.json"))
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -243,28 +290,52 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
     torch.set_num_threads(args.threads)
-    config, hf, ours = build_pair()
+    from megatron_patch.training.flops import device_name, mfu, peak_tflops
+
+    config, hf, ours = build_pair(args.size, args.dtype)
+    on_gpu = torch.cuda.is_available()
+    gpu = device_name() if on_gpu else None
+    peak = peak_tflops(gpu)
     params = {"transformers": sum(x.numel() for x in hf.parameters()), "ours": sum(x.numel() for x in ours.parameters())}
+    machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {args.threads} threads"
     result = {
-        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {args.threads} threads",
-        "torch": torch.__version__, "dtype": "float32", "layout": "TP1 x PP1, gloo world of 1",
+        "machine": f"{gpu} (peak bf16 {peak} TFLOP/s), {machine}" if on_gpu else machine,
+        "torch": torch.__version__, "dtype": str(DTYPES[args.dtype]).replace("torch.", ""),
+        "layout": f"TP1 x PP1, {'nccl' if on_gpu else 'gloo'} world of 1", "size": args.size,
         "optimizer": "torch.optim.AdamW over all parameters, both models", "rounds": args.rounds, "rows": ROWS,
-        "config": {"vision": VISION, "text": TEXT, "perceiver": PERCEIVER}, "parameters": params, "seqs": [],
+        "config": dict(zip(("vision", "text", "perceiver"), SIZES[args.size])), "parameters": params, "seqs": [],
     }
+    device = next(ours.parameters()).device
     cases = [(seq, None, make_batch(config, seq), None) for seq in args.seqs]
     cases += [(seq, args.per_row, *make_packed_batches(config, seq, args.per_row)) for seq in args.packed]
     for seq, per_row, batch, hf_batch in cases:
-        losses = check_losses(hf, ours, batch, hf_batch)
+        batch = to_device(batch, device, args.dtype)
+        hf_batch = to_device(hf_batch, device, args.dtype) if hf_batch is not None else None
+        losses = check_losses(hf, ours, batch, hf_batch, rtol=LOSS_RTOL[args.dtype])
         steps = {"ours": make_step(ours, our_loss, batch), "transformers": make_step(hf, hf_loss, hf_batch or batch)}
         for fn in steps.values():
             fn()  # warm-up, optimizer state created
         times = {k: [] for k in steps}
+        step_memory = {}
         for _ in range(args.rounds):
             for name, fn in steps.items():
+                if on_gpu:
+                    resident = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                synchronize()
                 start = time.perf_counter()
                 fn()
+                synchronize()
                 times[name].append(time.perf_counter() - start)
+                if on_gpu:
+                    step_memory[name] = round((torch.cuda.max_memory_allocated() - resident) / 2**20, 1)
         med = {k: statistics.median(v) for k, v in times.items()}
+        flops = step_flops(config, seq, ROWS * (per_row or 1))
+        gpu_figures = {
+            "tflops_per_s": {k: round(flops / t / 1e12, 1) for k, t in med.items()},
+            "mfu": {k: (round(mfu(flops, t, 1, peak), 3) if peak else None) for k, t in med.items()},
+            "step_peak_cuda_mib_above_models": step_memory,
+        } if on_gpu else {}
         row = {
             "seq": seq, "loss_check": losses,
             **({"packed_samples_per_row": per_row, "transformers_rows": ROWS * per_row,
@@ -273,7 +344,7 @@ def main() -> None:
             "ours_tokens_per_s": round(ROWS * seq / med["ours"], 1),
             "transformers_tokens_per_s": round(ROWS * seq / med["transformers"], 1),
             "ratio_transformers_over_ours": round(med["transformers"] / med["ours"], 3),
-            "ms_per_round": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
+            "ms_per_round": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()}, **gpu_figures,
         }
         if seq in args.profile and not per_row:
             row["profile_top_self_cpu"] = {k: profile_step(fn) for k, fn in steps.items()}
@@ -284,12 +355,18 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "profile_top_self_cpu"}), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| seq | ours (ms) | transformers (ms) | ours tokens/s | transformers tokens/s | transformers / ours |")
-    print("|---|---|---|---|---|---|")
+    mfu_head = " ours TFLOP/s (MFU) | transformers TFLOP/s (MFU) |" if on_gpu else ""
+    print(f"\n| seq | ours (ms) | transformers (ms) | ours tokens/s | transformers tokens/s | transformers / ours |{mfu_head}")
+    print("|---|---|---|---|---|---|" + ("---|---|" if on_gpu else ""))
     for r in result["seqs"]:
         packed = f" packed x{r['packed_samples_per_row']}" if "packed_samples_per_row" in r else ""
+        gpu_cells = "".join(f" {r['tflops_per_s'][k]:.0f} ({_percent(r['mfu'][k])}) |" for k in ("ours", "transformers")) if on_gpu else ""
         print(f"| {r['seq']:,}{packed} | {r['ours_ms']:,.0f} | {r['transformers_ms']:,.0f} | {r['ours_tokens_per_s']:,.0f} | "
-              f"{r['transformers_tokens_per_s']:,.0f} | {r['ratio_transformers_over_ours']:.2f} |")
+              f"{r['transformers_tokens_per_s']:,.0f} | {r['ratio_transformers_over_ours']:.2f} |{gpu_cells}")
+
+
+def _percent(fraction) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 if __name__ == "__main__":

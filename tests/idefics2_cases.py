@@ -189,7 +189,7 @@ def image_token_mismatch_case():
     return None
 
 
-def _pack_rows(inputs: dict, rows: list[list[int]]):
+def pack_rows(inputs: dict, rows: list[list[int]]):
     """Pack samples of `inputs` into rows (sample indices per row), as the data collator does:
     tokens back to back, position ids restarting per sample, images in sample order, a padding
     tail that is its own segment, and cu_seqlens over the b-major flattened tokens."""
@@ -235,7 +235,7 @@ def packed_vs_unpacked_case(tp: int, pp: int):
     inputs = random_inputs(config, batch_size=3, num_images=2, seed=5)
     vocab = config.text_config.vocab_size
     alone = megatron_outputs([model], inputs, vocab)
-    packed = megatron_outputs([model], _pack_rows(inputs, [[0, 1], [2]]), vocab)
+    packed = megatron_outputs([model], pack_rows(inputs, [[0, 1], [2]]), vocab)
     if dist.get_rank() != 0:
         return None
     seq = inputs["input_ids"].shape[1]

@@ -12,6 +12,7 @@ fuses into the following linear are stored as `...linear_qkv.layer_norm_weight` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -61,9 +62,17 @@ def _layer_spec(use_te: bool) -> ModuleSpec:
     attention = dataclasses.replace(
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
     )
-    mlp = dataclasses.replace(spec.submodules.mlp, module=SwiGLUMLP)
+    mlp = _with_mlp_class(spec.submodules.mlp, SwiGLUMLP)
     local = dict(input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention, mlp=mlp)
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **local))
+
+
+def _with_mlp_class(mlp, cls):
+    """The MLP entry of a layer spec building `cls` instead: a `ModuleSpec` up to megatron-core 0.16,
+    from 0.17 on a `functools.partial` of `MLP.as_mlp_submodule` (a classmethod, so `cls`'s is used)."""
+    if isinstance(mlp, functools.partial):
+        return functools.partial(cls.as_mlp_submodule, *mlp.args, **mlp.keywords)
+    return dataclasses.replace(mlp, module=cls)
 
 
 def _block_spec(layer: ModuleSpec, num_layers: int, use_te: bool):

@@ -17,6 +17,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 
+def use_true_fp32(on: bool = True) -> None:
+    """fp32 comparisons in fp32 arithmetic: off turns TF32 back on for CUDA matmuls and cuDNN
+    convolutions. cuDNN's default is TF32 (10-bit mantissa), which alone moves the vision tower's
+    output by about 1e-3 on a GPU, far above the fp32 tolerance of 1e-4."""
+    torch.backends.cuda.matmul.allow_tf32 = not on
+    torch.backends.cudnn.allow_tf32 = not on
+
+
 def random_inputs(hf_config, batch_size: int = 2, num_images: int = 2, text_tokens: int = 12, seed: int = 0) -> dict:
     """A batch of text with <image> blocks and 1..num_images images per sample of mixed sizes.
 

@@ -12,7 +12,7 @@ HF checkpoint at --hf-path (save_pretrained layout) or, with --load, from the Me
 there (its own config; the tracker's iteration unless --iteration). Runs both on a batch of text
 with K images per sample of mixed sizes, prints the max abs difference per component, one report
 line per rank and, last, `max_abs_logit_diff=<float>`. Exits 1 when that exceeds --atol, or with one
-`error:` line when the input is unusable.
+`error:` line when the input is unusable. Without --bf16 both models compute in true fp32 (TF32 off).
 
 Memory on a cluster: without --load each rank reads from the safetensors files only the HF tensors
 its pipeline stage maps from, one at a time (never the whole model), and only global rank 0 builds
@@ -171,11 +171,12 @@ def main(argv=None) -> int:
     from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
     from megatron_patch.models.idefics2.model import build_model
     from megatron_patch.models.idefics2.model_loading import load_hf_weights
-    from megatron_patch.models.idefics2.parity import megatron_outputs, random_inputs
+    from megatron_patch.models.idefics2.parity import megatron_outputs, random_inputs, use_true_fp32
     from megatron_patch.platform import get_device, init_distributed
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     atol = args.atol if args.atol is not None else (5e-2 if args.bf16 else 1e-4)
+    use_true_fp32(not args.bf16)
     opts = ParallelOptions(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The model's GPU checks in one command, for a machine with one CUDA GPU and no package index:
+# parity with transformers in fp32 and bf16 (bench/gpu/parity.py, and the user-facing
+# check_hf_parity.py on a tiny checkpoint), the ~1B bf16 training-step benchmark against
+# transformers (bench/bench_train_step.py --size 1b), and both again with the newest megatron-core.
+#
+# 1. Where pip reaches a package index (from the repo root):
+#        bash bench/gpu/run_checks.sh --fetch       # wheels for Python 3.12 -> .whl/ (git-ignored)
+# 2. On the GPU machine (from the repo root; .whl/ copied along):
+#        bash bench/gpu/run_checks.sh OUTDIR        # log.txt and JSON results in OUTDIR
+#
+# Each megatron-core version is installed into its own folder and put first on PYTHONPATH; the
+# machine's own torch, transformers and safetensors are used. A failing step is logged and the
+# next one runs; the exit status is the number of failed steps.
+set -u -o pipefail
+MCORE_VERSIONS=(0.16.1 0.19.2)  # the verified one, then the newest released
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "--fetch" ]; then
+  fetch() { $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" -d "$@"; }
+  for v in "${MCORE_VERSIONS[@]}"; do fetch ".whl/mcore-$v" "megatron-core==$v" || exit 1; done
+  fetch .whl/common webdataset braceexpand || exit 1
+  ls -R .whl
+  exit 0
+fi
+
+OUT=${1:?usage: bash bench/gpu/run_checks.sh OUTDIR | --fetch}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+failed=0
+step() {  # step NAME COMMAND...: run, log, count a failure, go on
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$LOG"
+  local start=$SECONDS
+  "$@" 2>&1 | grep -v "Unknown MLP type\|UserWarning\|warnings.warn" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
+for v in "${MCORE_VERSIONS[@]}"; do
+  site=/tmp/site-mcore-$v
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/common/*.whl .whl/mcore-"$v"/*.whl \
+    || { echo "=== cannot install megatron-core $v from .whl (run --fetch first)" | tee -a "$LOG"; failed=$((failed + 1)); continue; }
+  export PYTHONPATH=$site:$PWD
+  step "parity mcore $v" $PY bench/gpu/parity.py --out "$OUT/gpu_parity_mcore-$v.json"
+  if [ "$v" = "${MCORE_VERSIONS[0]}" ]; then
+    hf=/tmp/gpu_checks_tiny_hf
+    step "tiny checkpoint" $PY toolkits/model_checkpoints_convertor/idefics2/make_tiny_checkpoint.py --save-path $hf
+    step "check_hf_parity fp32" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf
+    step "check_hf_parity bf16" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf --bf16
+    step "train step 1b bf16" $PY bench/bench_train_step.py --size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 \
+      --rounds 5 --out "$OUT/train_step_gpu.json"
+  else
+    step "train step 1b bf16 mcore $v" $PY bench/bench_train_step.py --size 1b --dtype bf16 --seqs 4096 --rounds 3 \
+      --out "$OUT/train_step_gpu_mcore-$v.json"
+  fi
+done
+echo "=== $failed failed step(s)" | tee -a "$LOG"
+exit $failed
