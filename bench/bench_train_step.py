@@ -170,15 +170,16 @@ def make_packed_batches(config, seq: int, per_row: int, seed: int = 0) -> tuple[
     mask = torch.zeros(len(samples), longest, dtype=torch.long)
     for i, x in enumerate(samples):
         hf_ids[i, : len(x)], mask[i, : len(x)] = x, 1
-    theirs = {"input_ids": hf_ids, "attention_mask": mask, "labels": hf_ids.masked_fill(mask == 0, -100),
+    theirs = {"input_ids": hf_ids, "attention_mask": mask, "hf_labels": hf_ids.masked_fill(mask == 0, -100),
               "pixel_values": pixels.unsqueeze(1), "pixel_attention_mask": torch.ones(len(samples), 1, size, size, dtype=torch.bool),
               "real_tokens": ROWS * seq}
     return ours, theirs
 
 
 def hf_loss(hf, b):
+    # transformers shifts labels itself: it gets the ids (or padding-masked ids), never our shifted `labels`
     return hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-              pixel_attention_mask=b["pixel_attention_mask"], labels=b.get("labels", b["input_ids"])).loss
+              pixel_attention_mask=b["pixel_attention_mask"], labels=b.get("hf_labels", b["input_ids"])).loss
 
 
 def our_loss(ours, b):

@@ -16,6 +16,9 @@ set -u -o pipefail
 MCORE_VERSIONS=(0.16.1 0.19.2)  # the verified one, then the newest released
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 PY=${PYTHON:-python3}
+# The benchmark's flags; GPU_CHECKS_BENCH replaces both (e.g. "--seqs 256 --rounds 1" to try the script on a CPU).
+BENCH=${GPU_CHECKS_BENCH:---size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 --rounds 5}
+BENCH_NEWEST=${GPU_CHECKS_BENCH:---size 1b --dtype bf16 --seqs 4096 --rounds 3}
 
 if [ "${1:-}" = "--fetch" ]; then
   fetch() { $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" -d "$@"; }
@@ -52,11 +55,9 @@ for v in "${MCORE_VERSIONS[@]}"; do
     step "tiny checkpoint" $PY toolkits/model_checkpoints_convertor/idefics2/make_tiny_checkpoint.py --save-path $hf
     step "check_hf_parity fp32" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf
     step "check_hf_parity bf16" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf --bf16
-    step "train step 1b bf16" $PY bench/bench_train_step.py --size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 \
-      --rounds 5 --out "$OUT/train_step_gpu.json"
+    step "train step" $PY bench/bench_train_step.py $BENCH --out "$OUT/train_step_gpu.json"
   else
-    step "train step 1b bf16 mcore $v" $PY bench/bench_train_step.py --size 1b --dtype bf16 --seqs 4096 --rounds 3 \
-      --out "$OUT/train_step_gpu_mcore-$v.json"
+    step "train step mcore $v" $PY bench/bench_train_step.py $BENCH_NEWEST --out "$OUT/train_step_gpu_mcore-$v.json"
   fi
 done
 echo "=== $failed failed step(s)" | tee -a "$LOG"
