@@ -1,10 +1,12 @@
 """Core attention of one LLM layer, forward + backward: megatron-core's unfused DotProductAttention vs SDPAttention.
 
 Same inputs for all (fp32 by default; 8 query heads, 2 key/value heads, head dim 64, batch 2), in
-one run: causal rows (no mask tensor) and packed rows of four segments each, given to the unfused
+one run: causal rows (no mask tensor); packed rows of four segments each, given to the unfused
 path as the block-diagonal causal mask of `model.packed_causal_mask` ("unfused"), to SDPAttention
 once as that same mask ("sdpa") and once as segments, `row_segments`, which is what the model
-passes ("sdpa_segments"). Timing rounds alternate the implementations so machine noise hits them
+passes ("sdpa_segments"); and a causal sliding window of a quarter of the sequence, given to the
+unfused path and to SDPAttention as its dense [s, s] mask ("unfused", "sdpa") and to SDPAttention
+built with `window_size` ("sdpa_window", what the model runs: blocks, no [s, s] mask). Timing rounds alternate the implementations so machine noise hits them
 alike; best and median of the rounds are reported. Peak
 memory is measured in a fresh child process per case: on CUDA `torch.cuda.max_memory_allocated`, on
 CPU the growth of the process's peak RSS (VmHWM, reset first) over its RSS before the call (a coarse figure: the
@@ -33,7 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 HEADS, KV_HEADS, HEAD_DIM, BATCH = 8, 2, 64, 2
-IMPLS = {"causal": ("unfused", "sdpa"), "packed": ("unfused", "sdpa", "sdpa_segments")}
+IMPLS = {"causal": ("unfused", "sdpa"), "packed": ("unfused", "sdpa", "sdpa_segments"),
+         "window": ("unfused", "sdpa", "sdpa_window")}
+
+
+def window_of(seq: int, masking: str):
+    """Keys per query of the "window" case (a quarter of the sequence), else None."""
+    return seq // 4 if masking == "window" else None
 
 
 def _setup():
@@ -44,7 +52,7 @@ def _setup():
     return get_device()
 
 
-def _modules(dtype: torch.dtype, device):
+def _modules(dtype: torch.dtype, device, window=None):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
@@ -58,7 +66,13 @@ def _modules(dtype: torch.dtype, device):
     )
     args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     sdpa = SDPAttention(**args).to(device)
-    return {"unfused": DotProductAttention(**args).to(device), "sdpa": sdpa, "sdpa_segments": sdpa}
+    modules = {"unfused": DotProductAttention(**args).to(device), "sdpa": sdpa, "sdpa_segments": sdpa}
+    if window is not None:
+        import dataclasses
+
+        windowed = dataclasses.replace(config, window_size=(window - 1, 0))
+        modules["sdpa_window"] = SDPAttention(**{**args, "config": windowed}).to(device)
+    return modules
 
 
 def _inputs(seq: int, masking: str, dtype: torch.dtype, device):
@@ -75,14 +89,23 @@ def _inputs(seq: int, masking: str, dtype: torch.dtype, device):
     return q, k, v, grad, cu
 
 
-def _step(impl: str, module, q, k, v, grad, cu):
-    """One forward + backward (packed rows as the dense mask, or as segments); returns (output, dq, dk, dv)."""
+def _window_mask(seq: int, window: int, device) -> torch.Tensor:
+    """[1, 1, s, s], True = masked: a query sees itself and the window - 1 keys before it."""
+    offset = torch.arange(seq, device=device)[:, None] - torch.arange(seq, device=device)[None, :]
+    return ((offset < 0) | (offset >= window)).view(1, 1, seq, seq)
+
+
+def _step(impl: str, module, q, k, v, grad, cu, window=None):
+    """One forward + backward (packed rows as the dense mask, or as segments; a window as its dense
+    mask, or by the module's window_size); returns (output, dq, dk, dv)."""
     from megatron_patch.models.idefics2.model import packed_causal_mask
     from megatron_patch.models.idefics2.sdpa_attention import row_segments
 
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     seq = q.shape[0]
-    if cu is None:
+    if window is not None and impl != "sdpa_window":  # the mask is part of what this path costs
+        out = module(q, k, v, _window_mask(seq, window, q.device))
+    elif cu is None:
         out = module(q, k, v, None)
     elif impl == "sdpa_segments":
         out = module(q, k, v, None, packed_seq_params=row_segments(cu, BATCH, seq))
@@ -115,19 +138,21 @@ def measure_memory(impl: str, seq: int, masking: str, dtype_name: str) -> dict:
     """Child-process body: peak memory of one forward + backward of `impl` beyond its inputs."""
     dtype = getattr(torch, dtype_name)
     device = _setup()
-    module = _modules(dtype, device)[impl]
-    _step(impl, module, *_inputs(64, masking, dtype, device))  # kernels and lazy state loaded outside the measure
+    window = window_of(seq, masking)
+    module = _modules(dtype, device, window)[impl]
+    small = _inputs(4 * 16, masking, dtype, device)  # kernels and lazy state loaded outside the measure
+    _step(impl, module, *small, window and 16)
     tensors = _inputs(seq, masking, dtype, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _step(impl, module, *tensors)
+        _step(impl, module, *tensors, window)
         torch.cuda.synchronize()
         return {"peak_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1), "kind": "cuda allocated"}
     _reset_peak_rss()
     base = _status_bytes("VmRSS")
-    _step(impl, module, *tensors)
+    _step(impl, module, *tensors, window)
     peak = _status_bytes("VmHWM")
     return {"peak_mib": round(max(peak - base, 0) / 2**20, 1), "kind": "cpu peak RSS growth"}
 
@@ -147,10 +172,12 @@ def _memory_in_child(impl: str, seq: int, masking: str, dtype_name: str, threads
     raise RuntimeError(f"memory child failed for {impl} seq {seq} {masking}:\n{proc.stderr[-3000:]}")
 
 
-def time_case(modules: dict, seq: int, masking: str, dtype, device, rounds: int) -> dict:
+def time_case(seq: int, masking: str, dtype, device, rounds: int) -> dict:
+    window = window_of(seq, masking)
+    modules = _modules(dtype, device, window)
     tensors = _inputs(seq, masking, dtype, device)
     impls = IMPLS[masking]
-    results = {impl: _step(impl, modules[impl], *tensors) for impl in impls}  # warm-up, and the numbers check
+    results = {impl: _step(impl, modules[impl], *tensors, window) for impl in impls}  # warm-up, and the numbers check
     diff = max(float((a.float() - b.float()).abs().max())
                for impl in impls[1:] for a, b in zip(results["unfused"], results[impl]))
     times = {impl: [] for impl in impls}
@@ -158,10 +185,10 @@ def time_case(modules: dict, seq: int, masking: str, dtype, device, rounds: int)
         for impl in impls:
             _sync(device)
             start = time.perf_counter()
-            _step(impl, modules[impl], *tensors)
+            _step(impl, modules[impl], *tensors, window)
             _sync(device)
             times[impl].append(time.perf_counter() - start)
-    row = {"seq": seq, "masking": masking, "max_abs_diff": diff,
+    row = {"seq": seq, "masking": masking, "window": window, "max_abs_diff": diff,
            "scores_mib": round(4 * BATCH * HEADS * seq * seq / 2**20, 1)}
     for impl in impls:
         row[f"{impl}_best_ms"] = round(1000 * min(times[impl]), 1)
@@ -173,7 +200,7 @@ def time_case(modules: dict, seq: int, masking: str, dtype, device, rounds: int)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--masking", nargs="+", default=["causal", "packed"], choices=["causal", "packed"])
+    parser.add_argument("--masking", nargs="+", default=["causal", "packed"], choices=list(IMPLS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -185,9 +212,8 @@ def main(argv=None) -> int:
     device = _setup()
     rows = []
     for masking in args.masking:
-        modules = _modules(dtype, device)
         for seq in args.seqs:
-            row = time_case(modules, seq, masking, dtype, device, args.rounds)
+            row = time_case(seq, masking, dtype, device, args.rounds)
             if not args.no_memory:
                 for impl in IMPLS[masking]:
                     mem = _memory_in_child(impl, seq, masking, args.dtype, args.threads)

@@ -36,10 +36,11 @@ def with_rope(config, rope_parameters: dict):
     return config
 
 
-def tiny_hf_model(text: str, tied: bool, seed: int = 0, rope_parameters=None):
+def tiny_hf_model(text: str, tied: bool, seed: int = 0, rope_parameters=None, sliding_window=None):
     from transformers import Idefics2ForConditionalGeneration
 
     config = tiny_idefics2_config(text, tie_word_embeddings=tied)
+    config.text_config.sliding_window = sliding_window  # Mistral's field
     if rope_parameters is not None:
         config = with_rope(config, rope_parameters)
     torch.manual_seed(seed)
@@ -56,15 +57,16 @@ def build_from_hf(config, hf_model, opts: ParallelOptions, init_weights: bool = 
 
 
 def parity_case(text: str, tp: int, pp: int, num_images: int, tied: bool = False, first_stage_layers=None,
-                rope=None, megatron_rope=None, text_tokens: int = 12, use_te: bool = False):
+                rope=None, megatron_rope=None, text_tokens: int = 12, use_te: bool = False, sliding_window=None):
     """Max abs diff per component between Megatron at tp x pp and transformers (on rank 0).
 
     `rope`: the text config's `rope_parameters`; `megatron_rope`: other ones for the Megatron model
     only (to show a RoPE setting matters); `text_tokens` per sample besides the image blocks;
-    `use_te`: transformer-engine layers (the Megatron model on this rank's device, CUDA with TE).
+    `use_te`: transformer-engine layers (the Megatron model on this rank's device, CUDA with TE);
+    `sliding_window`: Mistral's, for both models.
     """
     init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope)
+    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope, sliding_window=sliding_window)
     opts = ParallelOptions(tp, pp, decoder_first_pipeline_num_layers=first_stage_layers, use_transformer_engine=use_te)
     megatron_config = config if megatron_rope is None else with_rope(config, megatron_rope)
     device = get_device()
@@ -98,14 +100,15 @@ def _wrap_ddp(model):
     return ddp
 
 
-def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bool = False, **options):
+def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bool = False, sliding_window=None,
+                        **options):
     """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0).
 
     `options` are extra ParallelOptions fields (activation recompute, sequence parallel, ...); with
     `ddp` the model runs inside megatron-core's DDP and grads are finalised as in training.
     """
     init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model(text, tied)
+    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window)
     opts = ParallelOptions(tp, pp, **options)
     model = build_from_hf(config, hf_model, opts)
     chunk = _wrap_ddp(model) if ddp else model
@@ -154,9 +157,9 @@ def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bo
     return loss, grads
 
 
-def hf_loss_and_grads(text: str, tied: bool = False):
+def hf_loss_and_grads(text: str, tied: bool = False, sliding_window=None):
     """The same micro-batch through transformers' Idefics2: loss and gradients by HF name."""
-    config, hf_model = tiny_hf_model(text, tied)
+    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window)
     inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
     out = hf_model(
         input_ids=inputs["input_ids"],
@@ -168,6 +171,16 @@ def hf_loss_and_grads(text: str, tied: bool = False):
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in hf_model.named_parameters()}
     return float(out.loss), grads
+
+
+def hf_sliding_window_effect(window: int, text_tokens: int) -> float:
+    """Max abs difference of transformers' logits with Mistral's sliding window and without it."""
+    inputs, logits = None, []
+    for w in (window, None):
+        config, hf_model = tiny_hf_model("mistral", False, sliding_window=w)
+        inputs = random_inputs(config, batch_size=2, num_images=2, text_tokens=text_tokens, seed=7)
+        logits.append(hf_outputs(hf_model, inputs)["logits"])
+    return float((logits[0] - logits[1]).abs().max())
 
 
 def image_token_mismatch_case():
@@ -225,12 +238,12 @@ def pack_rows(inputs: dict, rows: list[list[int]]):
     return packed
 
 
-def packed_vs_unpacked_case(tp: int, pp: int):
+def packed_vs_unpacked_case(tp: int, pp: int, sliding_window=None):
     """Logits of 3 samples run one per row, and packed two rows as [s0 s1] [s2 pad] (on rank 0)."""
     from megatron_patch.models.idefics2.parity import megatron_outputs
 
     init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model("mistral", False)
+    config, hf_model = tiny_hf_model("mistral", False, sliding_window=sliding_window)
     model = build_from_hf(config, hf_model, ParallelOptions(tp, pp)).eval()
     inputs = random_inputs(config, batch_size=3, num_images=2, seed=5)
     vocab = config.text_config.vocab_size

@@ -18,7 +18,7 @@ def test_gpu_parity_script_passes_on_this_machine(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     checks = {(c["check"], c["dtype"]): c for c in result["checks"]}
-    assert len(checks) == 12 and all(c["ok"] for c in checks.values())
+    assert len(checks) == 14 and all(c["ok"] for c in checks.values())
     for dtype in ("fp32", "bf16"):
         grads = checks[("loss and grads llama", dtype)]
         assert grads["grad_tensors"] > 50 and grads["worst_grad_error"] > 0  # compared, not skipped

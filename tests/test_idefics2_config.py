@@ -10,9 +10,9 @@ from megatron_patch.models.idefics2.config import (
     ParallelOptions,
     RopeSettings,
     build_configs,
-    check_sequence_length,
     layers_per_stage,
     rope_settings,
+    sliding_window,
     tied_word_embeddings,
     validate_layout,
 )
@@ -142,13 +142,28 @@ def _one_line_error(fn, *args, match: str) -> str:
 
 
 @pytest.mark.parametrize("text", ["mistral", "llama"])
-def test_sliding_window_shorter_than_the_sequence_is_refused(text):
+def test_no_sliding_window_means_full_causal_attention(text):
     config = tiny_idefics2_config(text)
-    check_sequence_length(config, 1 << 20)  # no window (Mistral's null, or Llama's none at all)
+    assert sliding_window(config.text_config) is None  # Mistral's null, or Llama's none at all
+    assert build_configs(config, ParallelOptions()).language.window_size is None
+
+
+def test_a_sliding_window_in_a_llama_config_is_refused():
+    # transformers' Llama ignores the field: neither attending with it nor without it would be a safe guess.
+    config = tiny_idefics2_config("llama")
     config.text_config.sliding_window = 16
-    check_sequence_length(config, 16)  # the window covers the whole sequence: same attention
-    message = _one_line_error(check_sequence_length, config, 17, match="--seq-length 17")
-    assert "text_config.sliding_window (16)" in message
+    _one_line_error(validate_layout, config, ParallelOptions(), match="'llama' text config")
+
+
+def test_sliding_window_reaches_the_language_config_only():
+    config = tiny_idefics2_config("mistral")
+    config.text_config.sliding_window = 16
+    configs = build_configs(config, ParallelOptions())
+    assert configs.language.window_size == (15, 0)  # itself and the 15 tokens before it
+    assert configs.vision.window_size is configs.perceiver.window_size is configs.projection.window_size is None
+    for bad in (0, -3):  # transformers' Mistral config itself refuses non-integers
+        config.text_config.sliding_window = bad
+        _one_line_error(validate_layout, config, ParallelOptions(), match="text_config.sliding_window")
 
 
 @pytest.mark.parametrize("tied", [False, True])

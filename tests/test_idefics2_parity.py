@@ -89,12 +89,37 @@ def test_image_tokens_not_matching_features_name_the_sample():
     assert message is not None and "sample 1" in message and "--seq-length" in message
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_packed_rows_equal_one_sample_per_row(tp, pp):
+@pytest.mark.parametrize("tp,pp,window", [(1, 1, None), (2, 2, None), (2, 2, 5)])
+def test_packed_rows_equal_one_sample_per_row(tp, pp, window):
     # Attention must not cross samples: sample 1 shares a row with sample 0 and must not see it.
-    alone, packed = run_distributed(tp * pp, cases.packed_vs_unpacked_case, tp, pp)[0]
+    # With a sliding window, it applies inside each sample as it does to a sample alone.
+    alone, packed = run_distributed(tp * pp, cases.packed_vs_unpacked_case, tp, pp, window)[0]
     assert alone.shape == packed.shape and float(alone.std()) > 0.1
     assert float((alone - packed).abs().max()) < ATOL
+
+
+WINDOW, WINDOW_TEXT_TOKENS = 5, 30  # samples of 42 tokens: the window runs in 9 blocks
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_sliding_window_below_the_sequence_matches_transformers(tp, pp):
+    results = run_distributed(tp * pp, cases.parity_case, "mistral", tp, pp, 2, sliding_window=WINDOW,
+                              text_tokens=WINDOW_TEXT_TOKENS)
+    _check(results[0])
+
+
+def test_sliding_window_changes_the_logits():
+    # The parity above cannot pass by accident: transformers' logits with the window are far from without.
+    assert cases.hf_sliding_window_effect(WINDOW, WINDOW_TEXT_TOKENS) > 100 * ATOL
+
+
+def test_sliding_window_loss_and_grads_match_transformers():
+    hf_loss, hf_grads = cases.hf_loss_and_grads("mistral", sliding_window=WINDOW)
+    loss, grads = run_distributed(4, cases.loss_and_grads_case, "mistral", 2, 2, sliding_window=WINDOW)[0]
+    assert abs(loss - hf_loss) < 1e-5 and set(grads) == set(hf_grads)
+    for name, ref in hf_grads.items():
+        scale = float(ref.abs().max()) + 1e-12
+        assert torch.allclose(grads[name], ref, atol=1e-5 * max(scale, 1.0), rtol=1e-4), name
 
 
 LLAMA3_TEXT_TOKENS = 200  # positions up to ~220: far enough for the scaled low frequencies to turn

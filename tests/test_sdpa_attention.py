@@ -1,7 +1,8 @@
 """SDPAttention gives megatron-core's unfused DotProductAttention's numbers (forward and input grads)
-for causal GQA, the vision tower's key-padding mask, an explicit block-diagonal mask and packed rows
-as segments (against the unfused path with the block-diagonal mask), at TP=1 and with the TP-local
-head counts of TP=2."""
+for causal GQA, the vision tower's key-padding mask, an explicit block-diagonal mask, packed rows
+as segments (against the unfused path with the block-diagonal mask) and a causal sliding window
+(against the unfused path with the window's dense mask), at TP=1 and with the TP-local head counts
+of TP=2."""
 from __future__ import annotations
 
 import pytest
@@ -49,14 +50,28 @@ def _mask(kind: str) -> tuple[AttnMaskType, torch.Tensor | None]:
     raise KeyError(kind)
 
 
-def compare_case(tp: int, kind: str, groups: int, softmax_scale, training: bool):
-    """Max abs differences (output, dq, dk, dv) between SDPAttention and DotProductAttention on this rank."""
+def _window_mask(window: int) -> torch.Tensor:
+    """[1, 1, s, s], True = masked: a query sees itself and the window - 1 keys before it."""
+    offset = torch.arange(SEQ)[:, None] - torch.arange(SEQ)[None, :]
+    return ((offset < 0) | (offset >= window)).view(1, 1, SEQ, SEQ)
+
+
+def compare_case(tp: int, kind: str, groups: int, softmax_scale, training: bool, window=None):
+    """Max abs differences (output, dq, dk, dv) between SDPAttention and DotProductAttention on this rank.
+
+    With `window`, ours is built with the sliding window (`window_size`) and given no mask (packed rows:
+    their segments), the reference gets the window and the case's mask as one dense mask.
+    """
     init_distributed(tp, 1, seed=1234)
     config = _config(groups, tp)
     mask_type, mask = _mask(kind)
-    args = dict(config=config, layer_number=1, attn_mask_type=mask_type, attention_type="self",
-                softmax_scale=softmax_scale)
-    ours, reference = SDPAttention(**args), DotProductAttention(**args)
+    args = dict(layer_number=1, attn_mask_type=mask_type, attention_type="self", softmax_scale=softmax_scale)
+    ours, reference = SDPAttention(config=config, **args), DotProductAttention(config=config, **args)
+    ours_mask = mask
+    if window is not None:
+        ours = SDPAttention(config=_config(groups, tp, window_size=(window - 1, 0)), **args)
+        ours_mask = None
+        mask = _window_mask(window) if mask is None else mask | _window_mask(window)
     ours.train(training), reference.train(training)
     heads, kv = HEADS // tp, groups // tp
     g = torch.Generator().manual_seed(11 + torch.distributed.get_rank())
@@ -74,7 +89,7 @@ def compare_case(tp: int, kind: str, groups: int, softmax_scale, training: bool)
         if module is ours and packed is not None:
             out = module(*inputs, None, packed_seq_params=packed)
         else:
-            out = module(*inputs, mask)
+            out = module(*inputs, ours_mask if module is ours else mask)
         assert out.shape == (SEQ, BATCH, heads * DIM)
         out.backward(grad_out)
         results.append([out.detach()] + [t.grad for t in inputs])
@@ -100,6 +115,36 @@ def test_matches_unfused_dot_product_attention(tp, kind, groups, softmax_scale, 
         assert max(rank_diffs) < 1e-5, (kind, rank_diffs)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize(
+    "kind,window,training",
+    [
+        ("causal", 5, True),  # 24 tokens: blocks of 5, the last one short
+        ("causal", 8, False),  # three whole blocks
+        ("causal", 1, False),  # each token sees only itself
+        ("causal", 24, False),  # the window covers the sequence: plain causal
+        ("segments_packed", 4, True),  # inside segments of 5, 11, 8 / 10, 1, 13 tokens
+        ("segments_crossing", 7, False),
+    ],
+)
+def test_sliding_window_matches_the_unfused_path_with_its_mask(tp, kind, window, training):
+    for rank_diffs in run_distributed(tp, compare_case, tp, kind, GROUPS, None, training, window):
+        assert max(rank_diffs) < 1e-5, (kind, window, rank_diffs)
+
+
+def test_sliding_window_changes_the_output():
+    # The cases above cannot pass by accident: a window shorter than the sequence changes the numbers.
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(SEQ, 1, n, DIM, generator=g) for n in (HEADS, GROUPS, GROUPS))
+    outputs = [
+        SDPAttention(_config(GROUPS, 1, **extra), 1, AttnMaskType.causal, "self", pg_collection=_FakeCollection())(
+            q, k, v, None
+        )
+        for extra in ({}, {"window_size": (4, 0)})
+    ]
+    assert float((outputs[0] - outputs[1]).abs().max()) > 0.1
+
+
 def test_local_specs_use_sdpa():
     # The LLM spec is the shared local layer spec (language_block_spec needs the PP state for its
     # layer count); the vision spec is that layer with a padding mask.
@@ -108,9 +153,18 @@ def test_local_specs_use_sdpa():
 
 
 def test_refuses_what_it_cannot_compute():
-    with pytest.raises(ValueError, match="window_size"):
-        SDPAttention(_config(GROUPS, 1, window_size=(4, 0)), 1, AttnMaskType.causal, "self",
+    for window in ((4, 2), (-1, 3)):
+        with pytest.raises(ValueError, match=r"window_size .* only causal sliding windows"):
+            SDPAttention(_config(GROUPS, 1, window_size=window), 1, AttnMaskType.causal, "self",
+                         pg_collection=_FakeCollection())
+    with pytest.raises(ValueError, match="window_attn_skip_freq"):
+        SDPAttention(_config(GROUPS, 1, window_size=(4, 0), window_attn_skip_freq=2), 1, AttnMaskType.causal,
+                     "self", pg_collection=_FakeCollection())
+    with pytest.raises(ValueError, match="needs causal attention"):
+        SDPAttention(_config(GROUPS, 1, window_size=(4, 0)), 1, AttnMaskType.padding, "self",
                      pg_collection=_FakeCollection())
+    windowed = SDPAttention(_config(GROUPS, 1, window_size=(4, 0)), 1, AttnMaskType.causal, "self",
+                            pg_collection=_FakeCollection())
     ours = SDPAttention(_config(GROUPS, 1), 1, AttnMaskType.causal, "self", pg_collection=_FakeCollection())
     q = torch.randn(4, 1, HEADS, DIM)
     kv = torch.randn(4, 1, GROUPS, DIM)
@@ -120,6 +174,8 @@ def test_refuses_what_it_cannot_compute():
         ours(q[:, :, :4], kv, kv, None)
     with pytest.raises(ValueError, match="qkv_format 'thd'"):
         ours(q, kv, kv, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(ValueError, match="explicit attention mask"):
+        windowed(q, kv, kv, torch.zeros(1, 1, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="pad tokens included"):
         row_segments(torch.tensor([0, 3, 7], dtype=torch.int32), 2, 4)
 

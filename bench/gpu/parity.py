@@ -3,7 +3,8 @@
 The GPU half of the parity tests: the test suite checks every layout on CPU ranks; this runs the same
 tiny models (`tests/idefics2_cases.py`) at TP1 x PP1 with both models on the device in each dtype and
 records, per case, the max abs difference of the vision output, connector output and logits:
-a Mistral-style LLM, a tied Llama-style LLM, Llama-3 RoPE scaling (factor 8), and packed rows against
+a Mistral-style LLM, a tied Llama-style LLM, Llama-3 RoPE scaling (factor 8), Mistral's sliding window
+(5 tokens, below the 42-token samples), and packed rows against
 one sample per row (the packed attention path); then the loss and every gradient of one training
 micro-batch (max |ours - transformers| over max(max |transformers|, 1) per tensor). fp32 runs with TF32 off,
 so both models do true fp32 matmuls and convolutions.
@@ -35,13 +36,13 @@ LOSS_RTOL = {"fp32": 1e-5, "bf16": 1e-2}
 GRAD_TOL = {"fp32": 1e-5, "bf16": 5e-2}
 
 
-def pair(text: str, tied: bool, dtype: str, rope=None):
+def pair(text: str, tied: bool, dtype: str, rope=None, sliding_window=None):
     """(config, transformers model, our model), the same weights, both on the device in `dtype`."""
     from megatron_patch.models.idefics2.config import ParallelOptions
     from megatron_patch.platform import get_device
     from tests.idefics2_cases import build_from_hf, tiny_hf_model
 
-    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope)
+    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope, sliding_window=sliding_window)
     ours = build_from_hf(config, hf_model, ParallelOptions(1, 1, params_dtype=DTYPES[dtype]))
     device = get_device()
     return config, hf_model.to(device=device, dtype=DTYPES[dtype]), ours.to(device)
@@ -58,11 +59,13 @@ def on_device(inputs: dict, dtype: str) -> dict:
     return out
 
 
-def forward_case(text: str, tied: bool, num_images: int, dtype: str, rope=None) -> dict:
+def forward_case(text: str, tied: bool, num_images: int, dtype: str, rope=None, sliding_window=None,
+                 text_tokens: int = 12) -> dict:
     from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
 
-    config, hf_model, ours = pair(text, tied, dtype, rope)
-    inputs = on_device(random_inputs(config, batch_size=2, num_images=num_images, seed=7), dtype)
+    config, hf_model, ours = pair(text, tied, dtype, rope, sliding_window)
+    inputs = on_device(random_inputs(config, batch_size=2, num_images=num_images, text_tokens=text_tokens, seed=7),
+                       dtype)
     with torch.no_grad():
         mine = megatron_outputs([ours.eval()], inputs, config.text_config.vocab_size)
         reference = {k: v.detach().cpu() for k, v in hf_outputs(hf_model.eval(), inputs).items()}
@@ -134,6 +137,8 @@ def run(dtype: str) -> list[dict]:
     forward("forward mistral", forward_case("mistral", False, 2, dtype))
     forward("forward llama tied", forward_case("llama", True, 3, dtype))
     forward("forward llama3 rope x8", forward_case("llama", True, 3, dtype, rope=llama3_rope(8)))
+    forward("forward mistral sliding window 5", forward_case("mistral", False, 2, dtype, sliding_window=5,
+                                                             text_tokens=30))
     forward("packed rows = one per row", packed_case(dtype))
     for text, tied in (("mistral", False), ("llama", True)):
         r = loss_and_grads_case(text, tied, dtype)

@@ -431,13 +431,15 @@ def _token_ids(path: str, stamp: tuple) -> tuple:
 
 
 def _check_model(args, hf_config, world_size: int) -> None:
-    from megatron_patch.models.idefics2.config import check_sequence_length, validate_layout
+    from megatron_patch.models.idefics2.config import validate_layout
 
     try:
         validate_layout(hf_config, parallel_options(args), world_size)
-        check_sequence_length(hf_config, args.seq_length)
     except ValueError as err:
-        raise ArgumentError(str(err)) from None
+        message = str(err)
+        if "--" not in message:  # a setting of the model's config: name where that config came from
+            message = f"{'--load' if args.load else '--model-config'}: {message}"
+        raise ArgumentError(message) from None
     latents = hf_config.perceiver_config.resampler_n_latents
     if args.image_seq_len is not None and args.image_seq_len != latents:
         raise ArgumentError(f"--image-seq-len {args.image_seq_len} differs from the model's perceiver latents "

@@ -10,7 +10,9 @@ Forward FLOPs per component (upstream -> downstream: vision -> connector -> llm)
   GQA SwiGLU decoder, per iteration ``6 B s [L (3 h f + h (q + 2k) + q h + q s) + h V]`` with B s =
   rows x padded seq_length, q = kv_channels x heads, k = kv_channels x query groups, V = vocabulary;
   the forward is a third of that. ``q s`` is causal attention (half the s x s scores), so packed
-  or padded rows count as full rows, as in Megatron. Megatron-LM has no vision term.
+  or padded rows count as full rows, as in Megatron. With Mistral's sliding window W below s a
+  token attends to at most W keys: ``q s`` becomes ``q (2 W - W^2 / s)`` (the window's share of the
+  pairs). Megatron-LM has no vision term.
 - **vision** (SigLIP), per vision input of P real patches: patch convolution ``2 P (3 p^2) h``,
   then per layer ``2 P (4 h^2 + 2 h I) + 4 P^2 h`` (QKV + output projection, MLP, scores + values).
 - **connector**: gated-MLP modality projection over the real patches, ``2 P (2 h_v I_t + I_t h)``,
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
+
+from megatron_patch.models.idefics2.config import sliding_window
 
 COMPONENTS = ("vision", "connector", "llm")
 """Freezable components, upstream first."""
@@ -148,7 +152,11 @@ def llm_forward_flops(text_config, shapes: BatchShapes, vocab_size: Optional[int
     q, k = d * text_config.num_attention_heads, d * text_config.num_key_value_heads
     V = text_config.vocab_size if vocab_size is None else vocab_size
     s = shapes.seq_length
-    return 2 * shapes.rows * s * (L * (3 * h * f + h * (q + 2 * k) + q * h + q * s) + h * V)
+    w = sliding_window(text_config)
+    # Twice the attended (query, key) pairs per row: s^2 causal (Megatron's count), fewer in a window.
+    pairs2 = s * s if w is None or w >= s else 2 * s * w - w * w
+    dense = 2 * shapes.rows * s * (L * (3 * h * f + h * (q + 2 * k) + q * h) + h * V)
+    return dense + 2 * shapes.rows * L * q * pairs2
 
 
 def forward_flops(hf_config, shapes: BatchShapes, vocab_size: Optional[int] = None) -> dict[str, int]:

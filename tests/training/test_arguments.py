@@ -64,8 +64,10 @@ def paths(tmp_path_factory):
     p["cfg_badimage"] = model_dir("model_badimage", cfg=_config(image_token_id=FAKE - 1)) / "config.json"
     p["cfg_smallvocab"] = model_dir("model_smallvocab", cfg=_config(vocab_size=IMAGE + 1)) / "config.json"
     windowed = _config()
-    windowed.text_config.sliding_window = 32  # below the --seq-length 64 of BASE
+    windowed.text_config.sliding_window = 32  # below the --seq-length 64 of BASE: applied, not refused
     p["cfg_window"] = model_dir("model_window", cfg=windowed) / "config.json"
+    windowed.text_config.sliding_window = 0
+    p["cfg_badwindow"] = model_dir("model_badwindow", cfg=windowed) / "config.json"
     (root / "model_llama").mkdir()
     p["cfg_llama"] = root / "model_llama" / "config.json"
     p["cfg_llama"].write_text(json.dumps({"model_type": "llama"}))
@@ -129,6 +131,12 @@ def test_model_config_parses_with_derived_fields(paths):
     assert args.params_dtype == torch.bfloat16 and args.accumulate_allreduce_grads_in_fp32
     assert args.sequence_parallel and args.answer_loss_only is False  # opt-in
     assert build_parser().parse_args(make_argv(paths, {"--answer-loss-only": True})).answer_loss_only
+
+
+def test_sliding_window_below_the_sequence_length_is_accepted(paths):
+    # Applied by the attention (window_size), so a --seq-length above it is no longer refused.
+    args = validated(paths, {"--model-config": "{cfg_window}"})
+    assert args.seq_length == 64 and args.hf_config.text_config.sliding_window == 32
 
 
 def test_defaults_follow_megatron(paths):
@@ -258,7 +266,7 @@ BAD = [
     ("pack_with_te", {"--pack-sequences": True, "--transformer-impl": "transformer_engine"}, 1, "--pack-sequences"),
     ("finetune_no_load", {"--finetune": True}, 1, "--finetune needs --load"),
     ("image_seq_len", {"--image-seq-len": "8"}, 1, "--image-seq-len 8 differs from the model's perceiver latents (4)"),
-    ("sliding_window", {"--model-config": "{cfg_window}"}, 1, "--seq-length 64 exceeds text_config.sliding_window (32)"),
+    ("sliding_window", {"--model-config": "{cfg_badwindow}"}, 1, "text_config.sliding_window 0 must be a positive integer"),
 ]
 
 

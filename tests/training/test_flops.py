@@ -47,6 +47,17 @@ def test_llm_term_is_megatron_formula_by_hand():
     assert flops.training_flops(tiny_idefics2_config(), BatchShapes(rows, s)) == expected_training
 
 
+def test_sliding_window_counts_only_the_windows_pairs():
+    config = tiny_idefics2_config()
+    t, rows, s, q, layers = config.text_config, 3, 20, 12 * 4, 4
+    full = flops.llm_forward_flops(t, BatchShapes(rows, s))
+    t.sliding_window = s  # covers the sequence: the same attention
+    assert flops.llm_forward_flops(t, BatchShapes(rows, s)) == full
+    t.sliding_window = 6  # Megatron's s^2 / 2 causal pairs become s W - W^2 / 2
+    attention_saved = 2 * rows * layers * q * (s * s - (2 * s * 6 - 6 * 6))
+    assert flops.llm_forward_flops(t, BatchShapes(rows, s)) == full - attention_saved
+
+
 def test_llm_matches_flop_counter(hf):
     config, model = hf
     t = config.text_config

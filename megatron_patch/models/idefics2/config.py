@@ -6,9 +6,9 @@ language model is split over pipeline stages (vision and connector live on the f
 
 `validate_layout` runs before anything is built and fails with one line saying what to change; it
 also refuses HF config settings the model does not implement (biases in the text model's linears, a
-tied-head flag that disagrees with itself). `check_sequence_length` refuses a --seq-length the model
-would attend over differently from transformers (Mistral's sliding window). Whether the head is tied
-is decided by `tied_word_embeddings` alone; the text model's RoPE by `rope_settings` alone.
+tied-head flag that disagrees with itself). Whether the head is tied is decided by
+`tied_word_embeddings` alone; the text model's RoPE by `rope_settings` alone; its sliding window
+(Mistral's `sliding_window`) by `sliding_window` alone.
 
 Where parameters are created and whether they are randomly initialised is decided here too
 (`_base_kwargs`): on a CUDA machine megatron-core creates them directly on the GPU, and a caller that
@@ -134,19 +134,26 @@ def tied_word_embeddings(hf_config) -> bool:
     return top
 
 
-def check_sequence_length(hf_config, seq_length: int) -> None:
-    """Raise ValueError (one line) when `seq_length` tokens would not attend as in transformers.
+def sliding_window(text_config) -> Optional[int]:
+    """Keys each token attends to in the text model (itself and the ones before it), or None for full
+    causal attention; ValueError (one line) for a value transformers would not accept.
 
-    Mistral's sliding-window attention (`text_config.sliding_window`, 4096 in transformers' default
-    Mistral config) lets a token see only the last `sliding_window` tokens; this model attends over
-    the whole (causal) sequence, which is the same computation only while the sequence fits the window.
+    Mistral's `sliding_window` (4096 in transformers' default Mistral config, null in Mistral-7B v0.2
+    and later) reaches the language config as megatron-core's `window_size = (W - 1, 0)`: the SDPA
+    core attention and transformer-engine both apply it, so any --seq-length attends as in transformers.
+    transformers' Llama has no window and ignores the field; a Llama config that sets it is refused
+    rather than trained either way.
     """
-    window = getattr(hf_config.text_config, "sliding_window", None)
-    if window is not None and seq_length > window:
-        raise ValueError(
-            f"--seq-length {seq_length} exceeds text_config.sliding_window ({window}): sliding-window "
-            f"attention is not implemented; use --seq-length <= {window} or a config with sliding_window null"
-        )
+    window = getattr(text_config, "sliding_window", None)
+    if window is None:
+        return None
+    model_type = getattr(text_config, "model_type", None)
+    if model_type != "mistral":
+        raise ValueError(f"text_config.sliding_window is {window!r} in a {model_type!r} text config, whose "
+                         f"transformers attention has no sliding window; set it to null")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"text_config.sliding_window {window!r} must be a positive integer or null")
+    return window
 
 
 def _check_text_features(text_config) -> None:
@@ -214,6 +221,7 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
             raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
     _check_text_features(t)
     rope_settings(t)
+    sliding_window(t)
     tied_word_embeddings(hf_config)
 
 
@@ -362,6 +370,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
     )
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     pp = opts.pipeline_model_parallel_size
+    window = sliding_window(t)
     language = TransformerConfig(
         num_layers=t.num_hidden_layers,
         hidden_size=t.hidden_size,
@@ -377,6 +386,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         pipeline_model_parallel_size=pp,
         num_layers_in_first_pipeline_stage=opts.decoder_first_pipeline_num_layers,
         sequence_parallel=opts.sequence_parallel and opts.tensor_model_parallel_size > 1,
+        window_size=None if window is None else (window - 1, 0),
         **base,
     )
     tp = opts.tensor_model_parallel_size

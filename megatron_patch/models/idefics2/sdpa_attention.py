@@ -13,6 +13,11 @@ only blocks of scores alive. The numbers are those of the unfused path:
   boundaries (`row_segments`): each segment is gathered into a padded batch [segments, heads, longest,
   dim] and run with `is_causal=True`, so no [s, s] mask exists and the work is segments x longest^2.
   A real query of a segment padded at its end sees only earlier keys, all real: no mask is needed.
+- sliding-window causal attention (`config.window_size = (W - 1, 0)`, Mistral's `sliding_window` W: a
+  query sees itself and the W - 1 keys before it): when a sequence (or packed segment) is longer than
+  W, queries run in blocks of W; the first block is plain causal, each later one attends its 2W - 1
+  keys through one [W, 2W - 1] band mask. The work is at most twice the window's, never the
+  sequence's square, and no [s, s] mask exists.
 
 The unfused path fills masked scores with -10000 rather than -inf; the two agree except on a query row
 whose every key is masked, which none of this model's masks produce (a vision image has at least one
@@ -67,6 +72,34 @@ def row_segments(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> Pac
                            max_seqlen_kv=seq_len)
 
 
+def _keys_per_query(config: TransformerConfig, attn_mask_type: AttnMaskType) -> Optional[int]:
+    """Keys a query sees under `config.window_size` (None: no window). Only causal windows are taken:
+    (left, 0), a query seeing itself and `left` keys before it; (-1, 0) is no window."""
+    window = getattr(config, "window_size", None)
+    if window is None:
+        return None
+    left, right = (int(w) for w in window)
+    if right != 0 or left < -1:
+        raise ValueError(f"config.window_size {tuple(window)} is not supported by the SDPA core attention; "
+                         f"only causal sliding windows (left, 0) are")
+    if getattr(config, "window_attn_skip_freq", None) is not None:
+        raise ValueError("config.window_attn_skip_freq (full-attention layers among windowed ones) is not "
+                         "supported by the SDPA core attention")
+    if left == -1:
+        return None
+    if attn_mask_type != AttnMaskType.causal:
+        raise ValueError(f"a sliding window needs causal attention, got attn_mask_type {attn_mask_type.name}")
+    return left + 1
+
+
+def _band_mask(window: int, device) -> torch.Tensor:
+    """[W, 2W - 1] keep-mask of a query block of W against its keys starting W - 1 tokens earlier:
+    query r sees keys r .. r + W - 1 (itself is key r + W - 1)."""
+    r = torch.arange(window, device=device)[:, None]
+    c = torch.arange(2 * window - 1, device=device)[None, :]
+    return (c >= r) & (c <= r + window - 1)
+
+
 def _segments_padded(x: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, num: int, longest: int) -> torch.Tensor:
     """[s, b, h, d] -> [num, h, longest, d]: each segment of the b-major flattened tokens, zero padded."""
     flat = x.transpose(0, 1).reshape(-1, *x.shape[2:])
@@ -95,8 +128,7 @@ class SDPAttention(MegatronModule):
                 "--context-parallel-size > 1 needs transformer-engine attention; "
                 "use --transformer-impl transformer_engine or --context-parallel-size 1"
             )
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError("sliding-window attention (config.window_size) is not supported by the SDPA core attention")
+        self.window = _keys_per_query(config, attn_mask_type)
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"softmax_type {config.softmax_type!r} is not supported by the SDPA core attention")
         self.layer_number = max(1, layer_number)
@@ -153,6 +185,9 @@ class SDPAttention(MegatronModule):
         is_causal = mask_type == AttnMaskType.causal and attention_mask is None and sq > 1
         if is_causal and sq != sk:
             raise ValueError(f"causal self-attention needs as many queries as keys, got {sq} and {sk}")
+        if self.window is not None and not is_causal:
+            raise ValueError("the sliding window applies to causal self-attention over a whole sequence; "
+                             "this call has an explicit attention mask or a single query")
 
         if packed_seq_params is not None:
             if attention_mask is not None or mask_type != AttnMaskType.causal:
@@ -180,7 +215,21 @@ class SDPAttention(MegatronModule):
         return context.reshape(b, s, self.hidden_size_per_partition).transpose(0, 1).contiguous()
 
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
-        """SDPA on [b, h, s, d] with GQA, scale and (in training) dropout -> [b, h, sq, d]."""
+        """SDPA on [b, h, s, d] with GQA, scale, the sliding window (causal only) and (in training)
+        dropout -> [b, h, sq, d]."""
+        w = self.window
+        if w is None or not is_causal or q.shape[2] <= w:
+            return self._sdpa(q, k, v, mask, is_causal)
+        band = _band_mask(w, q.device)
+        blocks = [self._sdpa(q[:, :, :w], k[:, :, :w], v[:, :, :w], None, True)]
+        for start in range(w, q.shape[2], w):
+            n = min(w, q.shape[2] - start)
+            keys = slice(start - w + 1, start + n)
+            blocks.append(self._sdpa(q[:, :, start:start + n], k[:, :, keys], v[:, :, keys],
+                                     band[:n, :n + w - 1], False))
+        return torch.cat(blocks, dim=2)
+
+    def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         gqa = {}
         if q.shape[1] != k.shape[1]:
             if _HAS_ENABLE_GQA:
