@@ -18,7 +18,7 @@ count real tokens only, and the losses are checked to agree first.
 
     python bench/bench_train_step.py                          # seq 1024 and 2048, writes bench/results/train_step.json
     python bench/bench_train_step.py --seqs 1024 --rounds 3 --profile 1024
-    python bench/bench_train_step.py --memory                 # also peak RSS growth of two steps, fresh process each
+    python bench/bench_train_step.py --memory                 # also each step's memory (below), fresh process each
     python bench/bench_train_step.py --seqs --packed 2048 --per-row 4 --out bench/results/train_step_packed.json
 
 On a GPU (used wherever CUDA is; `CUDA_VISIBLE_DEVICES=` for the CPU): `--size 1b` is a ~1B Idefics2-shaped model
@@ -27,6 +27,12 @@ On a GPU (used wherever CUDA is; `CUDA_VISIBLE_DEVICES=` for the CPU): `--size 1
 Steps are timed between CUDA synchronisations; rows add TFLOP/s and MFU from the project's one FLOP
 count (`megatron_patch.training.flops`, the same useful work for both models) and the peak of CUDA
 memory a step allocates above the resident models.
+
+Memory on CPU (`--memory`, a fresh process per model and length) is two figures: the peak-RSS growth
+over the first two steps (VmHWM, what the OS sees; it includes glibc heap fragmentation, which depends
+on the order and sizes of allocations as much as on their total), and the peak of live tensor bytes
+during a third step above the bytes alive before it, the parameters and optimizer state (torch.profiler's
+memory events, "Total Allocated": what a step needs, grads included; the CPU counterpart of the CUDA figure).
 
     python bench/bench_train_step.py --size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 \
         --rounds 5 --out bench/results/train_step_gpu.json
@@ -226,11 +232,32 @@ def step_flops(config, seq: int, num_images: int) -> float:
     return training_flops(config, BatchShapes.from_patches(ROWS, seq, [side * side] * num_images))
 
 
-def peak_rss_growth(impl: str, seq: int) -> float:
-    """MiB of peak-RSS growth over two steps (the first creates the optimizer state) above the RSS
-    after building both models, in a fresh process (VmHWM: ru_maxrss would carry the parent's peak over fork)."""
+def step_memory_cpu(impl: str, seq: int) -> dict:
+    """{"peak_rss_growth_mib", "peak_live_tensors_mib"} of `impl` at `seq`, in a fresh process (VmHWM:
+    ru_maxrss would carry the parent's peak over fork): peak-RSS growth over two steps (the first
+    creates the optimizer state) above the RSS after building both models; peak live tensor bytes of
+    a third step (grads included) above those alive before it."""
     out = subprocess.run([sys.executable, __file__, "--_memory-child", impl, str(seq)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_live_tensors_mib(step) -> float:
+    """MiB: the most tensor bytes alive during `step()` above those alive when it starts (CPU allocator
+    events of torch.profiler; independent of how the C library's heap reuses freed memory)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        raise SystemExit("torch.profiler recorded no memory events: cannot measure live tensor bytes")
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return (max(e["Total Allocated"] for e in events) - start) / 2**20
 
 
 def _vm_hwm_mib() -> float:
@@ -244,12 +271,19 @@ def _memory_child(impl: str, seq: int) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     config, hf, ours = build_pair()
     batch = make_batch(config, seq)
-    step = make_step(hf, hf_loss, batch) if impl == "transformers" else make_step(ours, our_loss, batch)
+    model, loss_fn = (hf, hf_loss) if impl == "transformers" else (ours, our_loss)
+    step = make_step(model, loss_fn, batch)
     del hf, ours
     before = _vm_hwm_mib()
     step()
     step()
-    print(_vm_hwm_mib() - before)
+    rss = _vm_hwm_mib() - before
+    # Grads freed outside the profiler: the step under it allocates them again, and every tensor it
+    # frees was allocated under it (the allocator events count frees only of what they saw allocated).
+    for param in model.parameters():
+        param.grad = None
+    live = peak_live_tensors_mib(step)
+    print(json.dumps({"peak_rss_growth_mib": round(rss, 1), "peak_live_tensors_mib": round(live, 1)}))
 
 
 def profile_step(step, top: int = 12) -> list:
@@ -271,7 +305,7 @@ def main() -> None:
     p.add_argument("--per-row", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory", action="store_true", help="peak RSS growth of two steps per impl and seq (fresh process each)")
+    p.add_argument("--memory", action="store_true", help="peak RSS growth and peak live tensor bytes of a step per impl and seq (fresh process each)")
     p.add_argument("--memory-only", action="store_true", help="add --memory figures to the rows of an existing --out")
     p.add_argument("--profile", type=int, nargs="*", default=[], help="seq lengths to profile one step of each at")
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (1b: for a GPU)")
@@ -286,8 +320,9 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
         for row in result["seqs"]:
             if row["seq"] in args.seqs and "packed_samples_per_row" not in row:
-                row["peak_rss_growth_mib"] = {k: round(peak_rss_growth(k, row["seq"]), 1) for k in ("ours", "transformers")}
-                print(row["seq"], row["peak_rss_growth_mib"], flush=True)
+                figures = _memory_figures(row["seq"])
+                row.update(figures)
+                print(row["seq"], figures, flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return
     torch.set_num_threads(args.threads)
@@ -351,7 +386,7 @@ def main() -> None:
             row["profile_top_self_cpu"] = {k: profile_step(fn) for k, fn in steps.items()}
         del steps
         if args.memory and not per_row:
-            row["peak_rss_growth_mib"] = {k: round(peak_rss_growth(k, seq), 1) for k in ("ours", "transformers")}
+            row.update(_memory_figures(seq))
         result["seqs"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "profile_top_self_cpu"}), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -364,6 +399,12 @@ def main() -> None:
         gpu_cells = "".join(f" {r['tflops_per_s'][k]:.0f} ({_percent(r['mfu'][k])}) |" for k in ("ours", "transformers")) if on_gpu else ""
         print(f"| {r['seq']:,}{packed} | {r['ours_ms']:,.0f} | {r['transformers_ms']:,.0f} | {r['ours_tokens_per_s']:,.0f} | "
               f"{r['transformers_tokens_per_s']:,.0f} | {r['ratio_transformers_over_ours']:.2f} |{gpu_cells}")
+
+
+def _memory_figures(seq: int) -> dict:
+    """{figure: {"ours": MiB, "transformers": MiB}} of `step_memory_cpu`."""
+    per_impl = {k: step_memory_cpu(k, seq) for k in ("ours", "transformers")}
+    return {figure: {k: v[figure] for k, v in per_impl.items()} for figure in per_impl["ours"]}
 
 
 def _percent(fraction) -> str:

@@ -5,7 +5,8 @@ autograd run `silu(gate) * up`: it keeps `gate`, `up` and `silu(gate)` for backw
 backward concatenates the two gradient halves into a new `[..., 2f]` tensor (on CPU the largest
 `aten::cat` of a training step, see BENCHMARKS.md). `swiglu` keeps only fc1's output and writes both
 gradient halves straight into one buffer. The forward is the same `silu(gate) * up`, so the numbers
-are the same; the backward uses silu's own derivative, `sigmoid(g) * (1 + g * (1 - sigmoid(g)))`.
+are the same; the backward recomputes silu(gate) and runs autograd's own `silu_backward` kernel (the
+gradients of the unfused form, in four elementwise passes).
 
 `bias_activation_fusion` (on with CUDA, `ParallelOptions.bias_fusions`) takes megatron-core's
 compiled kernel instead, as does anything other than a bias-free gated SiLU MLP.
@@ -30,10 +31,9 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = torch.chunk(x, 2, dim=-1)
         half = gate.shape[-1]
         out = torch.empty_like(x)
-        sig = torch.sigmoid(gate)
-        torch.mul(grad, gate * sig, out=out[..., half:])  # d/d up = silu(gate)
-        dsilu = sig * (1 + gate * (1 - sig))
-        torch.mul(grad * up, dsilu, out=out[..., :half])
+        torch.mul(grad, F.silu(gate), out=out[..., half:])  # d/d up = silu(gate)
+        # d/d gate: autograd's own silu kernel, written into the first half (4 passes in all, not 9).
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :half])
         return out
 
 
