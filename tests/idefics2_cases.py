@@ -173,6 +173,24 @@ def hf_loss_and_grads(text: str, tied: bool = False, sliding_window=None):
     return float(out.loss), grads
 
 
+def attention_dropout_case(tower: str, tp: int):
+    """Max abs changes of (vision, connector, logits) between two training-mode forwards of one batch,
+    and between eval mode and a dropout-free model, with `attention_dropout` 0.5 in `tower`'s HF config
+    ("vision_config", "perceiver_config" or "text_config") only (on rank 0)."""
+    init_distributed(tp, 1, seed=1234)
+    config, hf_model = tiny_hf_model("mistral", False)
+    plain = build_from_hf(config, hf_model, ParallelOptions(tp, 1)).eval()
+    getattr(config, tower).attention_dropout = 0.5
+    model = build_from_hf(config, hf_model, ParallelOptions(tp, 1))
+    inputs = random_inputs(config, batch_size=2, num_images=2, seed=7)
+    vocab = config.text_config.vocab_size
+    first, second = (megatron_outputs([model.train()], inputs, vocab) for _ in range(2))
+    evaluated, reference = megatron_outputs([model.eval()], inputs, vocab), megatron_outputs([plain], inputs, vocab)
+    if dist.get_rank() != 0:
+        return None
+    return {"train_vs_train": max_abs_diffs(first, second), "eval_vs_no_dropout": max_abs_diffs(evaluated, reference)}
+
+
 def hf_sliding_window_effect(window: int, text_tokens: int) -> float:
     """Max abs difference of transformers' logits with Mistral's sliding window and without it."""
     inputs, logits = None, []

@@ -155,6 +155,22 @@ def test_a_sliding_window_in_a_llama_config_is_refused():
     _one_line_error(validate_layout, config, ParallelOptions(), match="'llama' text config")
 
 
+def test_attention_dropout_and_init_std_come_from_each_sub_config():
+    config = tiny_idefics2_config("mistral")
+    config.vision_config.attention_dropout, config.vision_config.initializer_range = 0.1, 0.01
+    config.perceiver_config.attention_dropout, config.perceiver_config.initializer_range = 0.2, 0.03
+    config.text_config.attention_dropout, config.text_config.initializer_range = 0.3, 0.04
+    configs = build_configs(config, ParallelOptions())
+    got = {name: (c.attention_dropout, c.init_method_std, c.hidden_dropout)
+           for name, c in (("vision", configs.vision), ("perceiver", configs.perceiver), ("language", configs.language))}
+    assert got == {"vision": (0.1, 0.01, 0.0), "perceiver": (0.2, 0.03, 0.0), "language": (0.3, 0.04, 0.0)}
+    config.text_config.attention_dropout = 1.0
+    _one_line_error(validate_layout, config, ParallelOptions(), match=r"text_config.attention_dropout 1.0 must be in \[0, 1\)")
+    config.text_config.attention_dropout = 0.0
+    config.vision_config.initializer_range = 0.0
+    _one_line_error(validate_layout, config, ParallelOptions(), match="vision_config.initializer_range 0.0 must be positive")
+
+
 def test_sliding_window_reaches_the_language_config_only():
     config = tiny_idefics2_config("mistral")
     config.text_config.sliding_window = 16

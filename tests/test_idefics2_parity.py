@@ -122,6 +122,19 @@ def test_sliding_window_loss_and_grads_match_transformers():
         assert torch.allclose(grads[name], ref, atol=1e-5 * max(scale, 1.0), rtol=1e-4), name
 
 
+@pytest.mark.parametrize("tower,changed", [("vision_config", "vision"), ("perceiver_config", "connector"),
+                                           ("text_config", "logits")])
+def test_attention_dropout_of_each_tower_applies_in_training_only(tower, changed):
+    # HF's attention_dropout of one tower: two training forwards differ from that tower on (and not
+    # upstream of it); in eval mode the model equals a dropout-free one.
+    diffs = run_distributed(2, cases.attention_dropout_case, tower, 2)[0]
+    order = ["vision", "connector", "logits"]
+    for component in order:
+        moved = diffs["train_vs_train"][component]
+        assert (moved > 1e-3) if order.index(component) >= order.index(changed) else (moved == 0.0), (component, diffs)
+        assert diffs["eval_vs_no_dropout"][component] == 0.0, (component, diffs)
+
+
 LLAMA3_TEXT_TOKENS = 200  # positions up to ~220: far enough for the scaled low frequencies to turn
 
 

@@ -8,7 +8,8 @@ language model is split over pipeline stages (vision and connector live on the f
 also refuses HF config settings the model does not implement (biases in the text model's linears, a
 tied-head flag that disagrees with itself). Whether the head is tied is decided by
 `tied_word_embeddings` alone; the text model's RoPE by `rope_settings` alone; its sliding window
-(Mistral's `sliding_window`) by `sliding_window` alone.
+(Mistral's `sliding_window`) by `sliding_window` alone. Each tower's `attention_dropout` and
+`initializer_range` reach its megatron-core config (`_training_settings`).
 
 Where parameters are created and whether they are randomly initialised is decided here too
 (`_base_kwargs`): on a CUDA machine megatron-core creates them directly on the GPU, and a caller that
@@ -219,6 +220,8 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
         act = getattr(cfg, "hidden_act", None)
         if act not in _ACTIVATIONS:
             raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+    for name, cfg in (("vision_config", v), ("perceiver_config", p), ("text_config", t)):
+        _check_training_settings(name, cfg)
     _check_text_features(t)
     rope_settings(t)
     sliding_window(t)
@@ -301,12 +304,27 @@ def _base_kwargs(opts: ParallelOptions, init_weights: bool) -> dict:
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=0.0,  # Idefics2 has no residual or embedding dropout, only attention dropout
         recompute_granularity=opts.recompute_granularity,
         recompute_method=opts.recompute_method,
         recompute_num_layers=opts.recompute_num_layers,
     )
+
+
+def _training_settings(sub_config) -> dict:
+    """An HF sub-config's attention dropout (applied in training only, as transformers does) and the
+    std of a from-scratch random init (`initializer_range`, megatron-core's `init_method_std`)."""
+    return dict(attention_dropout=float(getattr(sub_config, "attention_dropout", 0.0) or 0.0),
+                init_method_std=float(getattr(sub_config, "initializer_range", 0.02)))
+
+
+def _check_training_settings(name: str, sub_config) -> None:
+    dropout = getattr(sub_config, "attention_dropout", 0.0) or 0.0
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"{name}.attention_dropout {dropout!r} must be in [0, 1)")
+    std = getattr(sub_config, "initializer_range", 0.02)
+    if not float(std) > 0.0:
+        raise ValueError(f"{name}.initializer_range {std!r} must be positive")
 
 
 def _mlp_activation(act: str, gated: bool, fused: bool) -> dict:
@@ -347,6 +365,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         add_qkv_bias=True,
         gated_linear_unit=False,
         **_mlp_activation(v.hidden_act, gated=False, fused=fused),
+        **_training_settings(v),
         pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
         **base,
     )
@@ -362,6 +381,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         add_bias_linear=False,
         gated_linear_unit=True,
         **_mlp_activation(getattr(p, "hidden_act", "silu"), gated=True, fused=fused),
+        **_training_settings(p),
         pipeline_model_parallel_size=1,
         **base,
     )
@@ -383,6 +403,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         add_bias_linear=False,
         gated_linear_unit=True,
         **_mlp_activation(t.hidden_act, gated=True, fused=fused),
+        **_training_settings(t),
         pipeline_model_parallel_size=pp,
         num_layers_in_first_pipeline_stage=opts.decoder_first_pipeline_num_layers,
         sequence_parallel=opts.sequence_parallel and opts.tensor_model_parallel_size > 1,

@@ -7,6 +7,7 @@ batch with `cu_seqlens`, run by `varlen_attention`.
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -81,16 +82,26 @@ class PerceiverAttention(MegatronModule):
         q, _ = self.linear_q(latents)
         kv, _ = self.linear_kv(torch.cat([context, latents], dim=0))
         kv = kv[packed.kv_order].view(-1, self.groups_per_rank, 2, d)
-        out = varlen_attention(
-            q.view(-1, self.heads_per_rank, d),
-            kv[:, :, 0],
-            kv[:, :, 1],
-            packed.cu_seqlens_q,
-            packed.cu_seqlens_k,
-            packed.num_latents,
-            packed.max_seqlen_k,
-            scale=d**-0.5,
-        )
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+
+        def attend():
+            return varlen_attention(
+                q.view(-1, self.heads_per_rank, d),
+                kv[:, :, 0],
+                kv[:, :, 1],
+                packed.cu_seqlens_q,
+                packed.cu_seqlens_k,
+                packed.num_latents,
+                packed.max_seqlen_k,
+                scale=d**-0.5,
+                dropout_p=dropout_p,
+            )
+
+        if dropout_p > 0.0:  # TP ranks hold different heads: each drops from its own model-parallel stream
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = attend()
+        else:
+            out = attend()
         out, _ = self.linear_proj(out.reshape(latents.shape[0], 1, -1))
         return out
 

@@ -38,13 +38,16 @@ def _pad(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, num_seqs: int, m
     return out.transpose(1, 2)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float):
-    """q [Tq, Hq, D], k/v [Tk, Hkv, D] with Hq a multiple of Hkv (GQA) -> [Tq, Hq, D]."""
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                     dropout_p: float = 0.0):
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D] with Hq a multiple of Hkv (GQA) -> [Tq, Hq, D]; `dropout_p` on the
+    attention probabilities (the caller passes 0 outside training)."""
     if _flash_usable(q):
         from flash_attn import flash_attn_varlen_func
 
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=scale, causal=False
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, softmax_scale=scale,
+            causal=False,
         )
     rep = q.shape[1] // k.shape[1]
     if rep > 1:  # query head h reads kv head h // rep, as in GQA
@@ -59,6 +62,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
         _pad(k, seq_k, pos_k, n, max_seqlen_k),
         _pad(v, seq_k, pos_k, n, max_seqlen_k),
         attn_mask=real_key[:, None, None, :],
+        dropout_p=dropout_p,
         scale=scale,
     )
     return out.transpose(1, 2)[seq_q, pos_q]
