@@ -171,6 +171,12 @@ def test_attention_dropout_and_init_std_come_from_each_sub_config():
     _one_line_error(validate_layout, config, ParallelOptions(), match="vision_config.initializer_range 0.0 must be positive")
 
 
+def test_vision_channels_other_than_rgb_are_refused():
+    config = tiny_idefics2_config("mistral")
+    config.vision_config.num_channels = 1
+    _one_line_error(validate_layout, config, ParallelOptions(), match="vision_config.num_channels 1")
+
+
 def test_sliding_window_reaches_the_language_config_only():
     config = tiny_idefics2_config("mistral")
     config.text_config.sliding_window = 16

@@ -222,6 +222,10 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
             raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
     for name, cfg in (("vision_config", v), ("perceiver_config", p), ("text_config", t)):
         _check_training_settings(name, cfg)
+    channels = getattr(v, "num_channels", 3)
+    if channels != 3:
+        raise ValueError(f"vision_config.num_channels {channels} is not supported: the image pipeline and the "
+                         f"patch embedding take RGB (3 channels)")
     _check_text_features(t)
     rope_settings(t)
     sliding_window(t)
