@@ -221,7 +221,7 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
         if act not in _ACTIVATIONS:
             raise ValueError(f"{name}.hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
     for name, cfg in (("vision_config", v), ("perceiver_config", p), ("text_config", t)):
-        _check_training_settings(name, cfg)
+        _training_settings(name, cfg)
     channels = getattr(v, "num_channels", 3)
     if channels != 3:
         raise ValueError(f"vision_config.num_channels {channels} is not supported: the image pipeline and the "
@@ -315,20 +315,17 @@ def _base_kwargs(opts: ParallelOptions, init_weights: bool) -> dict:
     )
 
 
-def _training_settings(sub_config) -> dict:
+def _training_settings(name: str, sub_config) -> dict:
     """An HF sub-config's attention dropout (applied in training only, as transformers does) and the
-    std of a from-scratch random init (`initializer_range`, megatron-core's `init_method_std`)."""
-    return dict(attention_dropout=float(getattr(sub_config, "attention_dropout", 0.0) or 0.0),
-                init_method_std=float(getattr(sub_config, "initializer_range", 0.02)))
-
-
-def _check_training_settings(name: str, sub_config) -> None:
-    dropout = getattr(sub_config, "attention_dropout", 0.0) or 0.0
-    if not 0.0 <= float(dropout) < 1.0:
+    std of a from-scratch random init (`initializer_range`, megatron-core's `init_method_std`);
+    ValueError (one line) for values out of range."""
+    dropout = float(getattr(sub_config, "attention_dropout", 0.0) or 0.0)
+    if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}.attention_dropout {dropout!r} must be in [0, 1)")
-    std = getattr(sub_config, "initializer_range", 0.02)
-    if not float(std) > 0.0:
+    std = float(getattr(sub_config, "initializer_range", 0.02))
+    if not std > 0.0:
         raise ValueError(f"{name}.initializer_range {std!r} must be positive")
+    return dict(attention_dropout=dropout, init_method_std=std)
 
 
 def _mlp_activation(act: str, gated: bool, fused: bool) -> dict:
@@ -369,7 +366,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         add_qkv_bias=True,
         gated_linear_unit=False,
         **_mlp_activation(v.hidden_act, gated=False, fused=fused),
-        **_training_settings(v),
+        **_training_settings("vision_config", v),
         pipeline_model_parallel_size=1,  # the vision tower lives whole on the first stage
         **base,
     )
@@ -385,7 +382,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         add_bias_linear=False,
         gated_linear_unit=True,
         **_mlp_activation(getattr(p, "hidden_act", "silu"), gated=True, fused=fused),
-        **_training_settings(p),
+        **_training_settings("perceiver_config", p),
         pipeline_model_parallel_size=1,
         **base,
     )
@@ -407,7 +404,7 @@ def build_configs(hf_config, opts: ParallelOptions, init_weights: bool = True) -
         add_bias_linear=False,
         gated_linear_unit=True,
         **_mlp_activation(t.hidden_act, gated=True, fused=fused),
-        **_training_settings(t),
+        **_training_settings("text_config", t),
         pipeline_model_parallel_size=pp,
         num_layers_in_first_pipeline_stage=opts.decoder_first_pipeline_num_layers,
         sequence_parallel=opts.sequence_parallel and opts.tensor_model_parallel_size > 1,
