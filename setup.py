@@ -31,7 +31,7 @@ setup(
         # megatron-energon interop: energon_prepare.py and reading with energon (docs/energon.md).
         "energon": ["megatron-energon>=7"],
         # The test suite and the README's main job.
-        "test": ["pytest>=8", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7", "tensorboard>=2.14",
+        "test": ["pytest>=8", "psutil>=5.9", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7", "tensorboard>=2.14",
                  "megatron-energon>=7"],
     },
 )

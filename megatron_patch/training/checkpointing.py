@@ -96,6 +96,14 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _max_over_ranks(value: int, device) -> int:
+    if not dist.is_initialized():
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box)
+
+
 def _save_pt(obj, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -109,6 +117,8 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
     keys = state_keys(args.optimizer, args.sgd_momentum)
 
     def extras(staging: Path) -> None:
+        # Agreed over ranks: rank 0 writes it, and its own optimizer may hold nothing (all frozen).
+        step = _max_over_ranks(optimizer_step_count(ctx.optimizer), ctx.device)
         tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
         dp = parallel_state.get_data_parallel_rank()
         if not args.no_save_optim:
@@ -122,7 +132,7 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
         if _rank() == 0:
             record = {**asdict(state), "scheduler": ctx.scheduler.state_dict(), "layout": _layout(),
                       "optimizer": args.optimizer, "has_optimizer_state": not args.no_save_optim,
-                      "optimizer_step": optimizer_step_count(ctx.optimizer), "seed": args.seed,
+                      "optimizer_step": step, "seed": args.seed,
                       "pack_sequences": bool(args.pack_sequences)}
             write_durable(staging / TRAIN_STATE_FILE, json.dumps(record, indent=2) + "\n")
 

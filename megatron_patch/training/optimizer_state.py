@@ -72,10 +72,7 @@ def param_state_views(optimizer, keys) -> dict:
 def materialize_state(optimizer) -> None:
     """Create the optimizer's state tensors (torch creates them lazily at the first step) with a
     step of learning rate 0 on zero gradients; the values are then overwritten by a load."""
-    for opt in sub_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if getattr(opt, "is_stub_optimizer", False) or inner is None:
-            continue
+    for inner in _torch_optimizers(optimizer):
         lrs = [g["lr"] for g in inner.param_groups]
         for group in inner.param_groups:
             group["lr"] = 0.0
@@ -88,24 +85,39 @@ def materialize_state(optimizer) -> None:
                 p.grad = None
 
 
-def _per_parameter_states(optimizer):
-    """Every per-parameter state dict of the torch optimizers inside `optimizer`."""
+def _torch_optimizers(optimizer):
+    """The torch optimizers inside `optimizer` (none on a rank with nothing to train)."""
     for opt in sub_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
-        if inner is not None:
-            yield from inner.state.values()
+        if inner is not None and not getattr(opt, "is_stub_optimizer", False):
+            yield inner
+
+
+def _step_holders(optimizer):
+    """Every dict that holds Adam's step: torch's Adam keeps it per parameter (`state[p]["step"]`),
+    transformer-engine's and apex's FusedAdam in the param group (`group["step"]`, which megatron-core
+    builds whenever either imports). Both are read and written, whichever the optimizer uses."""
+    for inner in _torch_optimizers(optimizer):
+        yield from (group for group in inner.param_groups if group["params"])
+        yield from inner.state.values()
 
 
 def optimizer_step_count(optimizer) -> int:
-    """Adam's step counter (the same for every parameter: all trainable parameters step together)."""
-    return next((int(state["step"]) for state in _per_parameter_states(optimizer) if "step" in state), 0)
+    """Adam's step counter (the same for every parameter: all trainable parameters step together);
+    0 on a rank whose optimizer has not stepped or holds nothing."""
+    return max((int(holder["step"]) for holder in _step_holders(optimizer) if "step" in holder), default=0)
 
 
 @torch.no_grad()
 def set_optimizer_step_count(optimizer, step: int) -> None:
-    for state in _per_parameter_states(optimizer):
-        if "step" in state:
-            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+    """Set the counter where the optimizer keeps it, in its own type and device (an int, or a tensor
+    on the CPU or, for capturable/fused optimizers, on the GPU)."""
+    for holder in _step_holders(optimizer):
+        if "step" in holder:
+            if torch.is_tensor(holder["step"]):
+                holder["step"].fill_(step)
+            else:
+                holder["step"] = step
 
 
 def _trainable(model, opts) -> list:

@@ -1,11 +1,14 @@
 """Exact resume: a run killed by SIGKILL after its checkpoint and resumed with --load logs the
 uninterrupted run's losses and grad norms bit for bit; a run saved at one (TP, PP, DP) resumes at
-another with its optimizer state intact and the same next losses (fp32 tolerance)."""
+another with its optimizer state intact and the same next losses (fp32 tolerance). Both with torch's
+Adam (step per parameter) and with an Adam that keeps its step in the param group, as
+transformer-engine's and apex's FusedAdam do."""
 from __future__ import annotations
 
+import json
 import os
 import random
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -15,51 +18,65 @@ import torch
 
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
+from tests.training.group_step_adam import train_with_group_step_adam
+from tests.training.process_tree import kill_tree
 from tests.training.runs import by_iteration, loaded_optimizer_state, saved_optimizer_state, train, who_loads
 
 ENTRY = str(REPO / "examples" / "idefics2" / "pretrain_megatron_idefics2.py")
+GROUP_STEP_ADAM = str(REPO / "tests" / "training" / "group_step_adam.py")
 KEYS = ("param", "exp_avg", "exp_avg_sq")
+TRAIN = {"torch-adam": train, "group-step-adam": train_with_group_step_adam}
 
 
-def _torchrun(flags, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def _torchrun(flags, adam, log):
+    """The entry point under torchrun, 4 workers; `adam` picks the optimizer class megatron-core builds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = [GROUP_STEP_ADAM, ENTRY] if adam == "group-step-adam" else [ENTRY]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
-           str(29500 + random.randint(0, 2000)), ENTRY, *flags]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+           str(29500 + random.randint(0, 2000)), *script, *flags]
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
-def _finish(proc, what):
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"{what} failed:\n{out.decode()[-3000:]}"
+def _finish(proc, log, what) -> str:
+    proc.wait(timeout=600)
+    out = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"{what} failed:\n{out[-3000:]}"
+    return out
 
 
 def _values(metrics):
     return {i: (r["lm_loss"], r["grad_norm"]) for i, r in sorted(by_iteration(metrics).items())}
 
 
-def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("adam", sorted(TRAIN))
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path, adam):
     inputs = training_inputs()
+    iters = 6
     layout = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
               "--save-interval", "2"]
     # The uninterrupted run on the pooled ranks (one thread each, like OMP_NUM_THREADS=1 below).
-    run_distributed(4, train, train_flags(inputs, tmp_path / "full", iters=4, extra=layout))
+    run_distributed(4, TRAIN[adam], train_flags(inputs, tmp_path / "full", iters=iters, extra=layout))
 
     killed_dir = tmp_path / "killed"
-    killed = _torchrun(train_flags(inputs, killed_dir, iters=4, extra=layout))
-    tracker = killed_dir / "latest_checkpointed_iteration.txt"
+    killed = _torchrun(train_flags(inputs, killed_dir, iters=iters, extra=layout), adam, tmp_path / "killed.log")
     deadline = time.time() + 300
-    while not (tracker.is_file() and tracker.read_text().strip() == "2"):
-        assert killed.poll() is None and time.time() < deadline, "the run ended before its checkpoint at 2"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))  # a random moment after the checkpoint at 2
-    os.killpg(killed.pid, signal.SIGKILL)
+    while not (killed_dir / "iter_0000002").is_dir():  # published by one rename once complete
+        assert killed.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.3))  # a random moment after the first checkpoint
+    pids = kill_tree(killed.pid)  # torchrun, its workers (sessions of their own) and anything they started
     killed.wait()
+    assert len(pids) >= 5, pids  # torchrun and its 4 workers at least
+    saved = int((killed_dir / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved < iters, f"the run had checkpointed iteration {saved} of {iters}: nothing left to resume"
+    (killed_dir / "metrics.jsonl").rename(tmp_path / "killed_metrics.jsonl")  # may end in half a line
 
-    resumed = train_flags(inputs, killed_dir, iters=4, extra=layout + ["--load", str(killed_dir)])
-    _finish(_torchrun(resumed), "resumed run")
+    resumed = train_flags(inputs, killed_dir, iters=iters, extra=layout + ["--load", str(killed_dir)])
+    out = _finish(_torchrun(resumed, adam, tmp_path / "resumed.log"), tmp_path / "resumed.log", "resumed run")
+    assert re.search(rf"resumed \S*iter_{saved:07d}: iteration {saved},", out), out[-3000:]
     want, got = _values(tmp_path / "full" / "metrics.jsonl"), _values(killed_dir / "metrics.jsonl")
-    assert sorted(got) == [1, 2, 3, 4]
-    assert got == want  # bit-identical lm_loss and grad_norm at every iteration
+    assert sorted(got) == list(range(saved + 1, iters + 1))  # the resumed run trained from the middle
+    assert got == {i: want[i] for i in got}  # bit-identical lm_loss and grad_norm at every iteration
 
 
 @pytest.mark.parametrize("packed, workers", [(False, 2), (True, 0), (True, 2)],
@@ -76,19 +93,20 @@ def test_resume_is_bit_identical_packed_and_with_workers(tmp_path, packed, worke
     assert got == want and sorted(got) == [1, 2, 3, 4]
 
 
-@pytest.fixture(scope="module")
-def saved_at_1_2_2(tmp_path_factory):
-    """4 iterations at TP1 x PP2 x DP2 (distributed optimizer), saved at 2."""
+@pytest.fixture(scope="module", params=sorted(TRAIN))
+def saved_at_1_2_2(request, tmp_path_factory):
+    """4 iterations at TP1 x PP2 x DP2 (distributed optimizer), saved at 2, with each kind of Adam."""
     root = tmp_path_factory.mktemp("layouts")
     inputs = training_inputs()
     extra = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--save-interval", "2"]
-    run_distributed(4, train, train_flags(inputs, root / "run", iters=4, extra=extra))
-    return inputs, root
+    run_distributed(4, TRAIN[request.param], train_flags(inputs, root / "run", iters=4, extra=extra))
+    return inputs, root, request.param
 
 
 @pytest.mark.parametrize("world, layout", [(4, ["--tensor-model-parallel-size", "2"]), (1, [])], ids=["tp2-dp2", "dp1"])
 def test_resume_at_another_layout_keeps_optimizer_state(saved_at_1_2_2, tmp_path, world, layout):
-    inputs, root = saved_at_1_2_2
+    inputs, root, adam = saved_at_1_2_2
+    assert json.loads((root / "run" / "iter_0000002" / "train_state.json").read_text())["optimizer_step"] == 2
     saved = saved_optimizer_state(root / "run" / "iter_0000002", KEYS)
     flags = train_flags(inputs, tmp_path / "resumed", iters=4,
                         extra=layout + ["--use-distributed-optimizer", "--load", str(root / "run"), "--iteration", "2"])
@@ -99,7 +117,7 @@ def test_resume_at_another_layout_keeps_optimizer_state(saved_at_1_2_2, tmp_path
             assert torch.equal(loaded[key][name], tensor), (key, name)
     assert float(saved["exp_avg_sq"]["lm_head.weight"].abs().sum()) > 0  # real moments, not zeros
 
-    run_distributed(world, train, flags)
+    run_distributed(world, TRAIN[adam], flags)
     want = by_iteration(root / "run" / "metrics.jsonl")
     got = by_iteration(tmp_path / "resumed" / "metrics.jsonl")
     assert sorted(got) == [3, 4]
