@@ -21,17 +21,18 @@ from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.checkpoint.layout import Iteration, rank_dir_name, resolve_iteration
 from megatron_patch.checkpoint.model_files import INDEX_FILE, RankReader
 from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings, validate_layout
-from megatron_patch.models.idefics2.weight_mapping import TensorMapping, mcore_to_hf, tensor_mappings
+from megatron_patch.models.idefics2.weight_mapping import TensorMapping, hf_to_mcore, mcore_to_hf, tensor_mappings
 
 
 class ShardedCheckpoint:
     """One iteration folder opened for reading: its info, its HF config, its ranks' tensors (lazy)."""
 
-    def __init__(self, iteration_dir, hf_config=None, index_file: str = INDEX_FILE, prefix: str = ""):
-        """`index_file` / `prefix`: which tensors of the rank folders to read (the model's by default;
-        training's optimizer state keeps e.g. `exp_avg/<name>` under its own index)."""
+    def __init__(self, iteration_dir, hf_config=None, index_file: str = INDEX_FILE, prefix: str = "",
+                 reader_class=RankReader):
+        """`index_file` / `prefix` / `reader_class`: which tensors of the rank folders to read and how
+        (the model's by default; training's optimizer state keeps e.g. `exp_avg/<name>` in its parts)."""
         self.dir = Path(iteration_dir)
-        self.index_file, self.prefix = index_file, prefix
+        self.index_file, self.prefix, self.reader_class = index_file, prefix, reader_class
         self.info = CheckpointInfo.read(self.dir)
         self.hf_config = hf_config if hf_config is not None else read_idefics2_config(self.dir / HF_CONFIG_DIR)
         self.layout = self.info.pipeline_layout(self.hf_config)
@@ -60,7 +61,7 @@ class ShardedCheckpoint:
     def reader(self, stage: int, tp_rank: int) -> RankReader:
         key = (stage, tp_rank)
         if key not in self._readers:
-            self._readers[key] = RankReader(self.rank_dir(stage, tp_rank), self.index_file)
+            self._readers[key] = self.reader_class(self.rank_dir(stage, tp_rank), self.index_file)
         return self._readers[key]
 
     def mcore_shards(self, stage: int, local: str) -> list[torch.Tensor]:
@@ -77,6 +78,17 @@ class ShardedCheckpoint:
     def hf_tensors(self, m: TensorMapping, stage: int, local: str) -> list[torch.Tensor]:
         """The HF tensors of mapping `m`, merged from its shards at (stage, local)."""
         return mcore_to_hf(m, self.mcore_shards(stage, local))
+
+    def shard_range(self, m: TensorMapping, tp_rank: int, tp_size: int, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened TP shard `tp_rank` of `tp_size` of tensor `m`. Where
+        the saved layout splits it the same way, only that range of the saved shard is read (readers
+        with `get_range`); otherwise the HF tensors are merged from the saved shards and cut."""
+        source, stage, local = self._source[m.hf[0]]
+        reader = self.reader(stage, tp_rank) if tp_rank < self.tp_size else None
+        if (tp_size == self.tp_size and (source.split, source.hf) == (m.split, m.hf)
+                and hasattr(reader, "get_range")):
+            return reader.get_range(self.prefix + local, start, end)
+        return hf_to_mcore(m, [self.hf_tensor(h) for h in m.hf], tp_rank, tp_size).reshape(-1)[start:end]
 
     def hf_tensor(self, name: str) -> torch.Tensor:
         """One full HF tensor by name (what `load_hf_weights` asks for)."""

@@ -5,9 +5,9 @@ an iteration folder written by training also holds:
 
     iter_0000100/train_state.json              iteration, consumed_samples, skip counters, the LR
                                                schedule's state, the layout and optimizer it ran with
-    iter_0000100/mp_rank_TT_PPP/optimizer-*.safetensors + optimizer.safetensors.index.json
-                                               per-parameter optimizer state in model space
-                                               (optimizer_state.py), unless --no-save-optim
+    iter_0000100/mp_rank_TT_PPP/optimizer-dpRRR.safetensors
+                                               per-parameter optimizer state in model space, one
+                                               part per DP rank (optimizer_state.py), unless --no-save-optim
     iter_0000100/loader/dp_RRR.json            each DP rank's `loader.state_dict()`
     iter_0000100/rng/rank_RRRRR.pt             each rank's python / numpy / torch / megatron RNG states
 
@@ -123,7 +123,7 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
         dp = parallel_state.get_data_parallel_rank()
         if not args.no_save_optim:
             rank_dir = staging / rank_dir_name(tp, pp, args.pipeline_model_parallel_size)
-            save_optimizer_state(rank_dir, ctx.model, ctx.optimizer, ctx.opts, keys, ctx.device)
+            save_optimizer_state(rank_dir, ctx.model, ctx.optimizer, ctx.opts, keys)
         if tp == 0 and pp == 0 and ctx.train_loader is not None:
             (staging / "loader").mkdir(exist_ok=True)
             write_durable(staging / "loader" / f"dp_{dp:03d}.json", json.dumps(ctx.train_loader.state_dict()))

@@ -1,32 +1,26 @@
 """Optimizer state in model space: per parameter, through the one weight mapping, any layout.
 
 Each trainable parameter's fp32 main weight and moments (Adam: `exp_avg`, `exp_avg_sq`; SGD:
-`momentum_buffer`) are saved as whole tensors of this rank's TP x PP shard, under the parameter's
-canonical name with the state as prefix (`exp_avg/language_model.decoder.layers.0...`), in the rank
-folder next to the weights (`optimizer-0000K.safetensors` + `optimizer.safetensors.index.json`).
-Loading merges the saved TP shards into HF tensors and cuts this rank's shard with the same
-mapping as the weights, so a run saved at one (TP, PP, DP) resumes at another with its moments.
-
-With the distributed optimizer each DP rank holds a contiguous range of every flattened parameter;
-saving reduces each parameter's state onto DP rank 0 of its TP x PP group (one parameter at a
-time), so no rank ever holds more than its own TP x PP shard of the state.
+`momentum_buffer`) are saved under the parameter's canonical name with the state as prefix
+(`exp_avg/language_model.decoder.layers.0...`), in the rank folder next to the weights. Every DP rank
+writes what its own optimizer holds (a range of each flattened parameter with the distributed
+optimizer; DP rank 0 alone otherwise), with no collective and no gathered copy
+(`checkpoint/optimizer_parts.py`). Loading reads this rank's range of each parameter straight from
+the parts when the saved layout splits it the same way, and otherwise merges the saved TP shards into
+HF tensors (one tensor at a time) and cuts this rank's shard with the same mapping as the weights, so
+a run saved at one (TP, PP, DP) resumes at another with its moments.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.checkpoint import CheckpointError
-from megatron_patch.checkpoint.model_files import write_rank_tensors
+from megatron_patch.checkpoint.optimizer_parts import OptimizerPartsReader, write_part
 from megatron_patch.checkpoint.reshard import ShardedCheckpoint, unwrap
 from megatron_patch.models.idefics2.layer_specs import module_to_canonical_name
 from megatron_patch.models.idefics2.model_loading import stage_mappings
-from megatron_patch.models.idefics2.weight_mapping import hf_to_mcore
 from megatron_patch.training.optimizer import sub_optimizers
-
-OPTIMIZER_INDEX = "optimizer.safetensors.index.json"
-OPTIMIZER_STEM = "optimizer"
 
 
 def state_keys(optimizer_name: str, sgd_momentum: float) -> tuple[str, ...]:
@@ -127,43 +121,29 @@ def _trainable(model, opts) -> list:
     return sorted(named, key=lambda item: item[0])
 
 
-def _dp_group_and_root():
-    group = parallel_state.get_data_parallel_group()
-    return group, dist.get_global_rank(group, 0) if dist.is_initialized() else 0
-
-
-def gathered_state(model, optimizer, opts, keys, device):
-    """Yields (saved name, full state tensor of this rank's shard) on DP rank 0; collective over DP."""
+def local_state_pieces(model, optimizer, opts, keys):
+    """[(canonical local name, start, end, shape, {key: flat view})] of what this rank's optimizer
+    holds, in a stable order (views into the optimizer's state: nothing is copied)."""
     views = param_state_views(optimizer, keys)
-    group, root = _dp_group_and_root()
-    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-    is_root = not dist.is_initialized() or dist.get_rank() == root
+    pieces = []
     for name, param in _trainable(model, opts):
         start, end, tensors = views.get(param, (0, 0, {}))
-        for key in keys:
-            if start == 0 and end == param.numel() and not (distributed and _sharded(optimizer)):
-                full = tensors[key].detach().float()
-            else:  # distributed optimizer: each DP rank fills its range, DP rank 0 receives the sum
-                full = torch.zeros(param.numel(), dtype=torch.float32, device=device)
-                if end > start:
-                    full[start:end] = tensors[key].detach().float()
-                dist.reduce(full, dst=root, group=group)
-            if is_root:
-                yield f"{key}/{name}", full.view(param.shape).cpu()
+        if end > start:
+            pieces.append((name, start, end, tuple(param.shape), {k: tensors[k].detach() for k in keys}))
+    return pieces
 
 
 def _sharded(optimizer) -> bool:
     return any(hasattr(opt, "model_param_group_index_map") for opt in sub_optimizers(optimizer))
 
 
-def save_optimizer_state(rank_dir, model, optimizer, opts, keys, device) -> None:
-    """Collective over the DP group; DP rank 0 writes the rank folder's optimizer files."""
-    items = gathered_state(model, optimizer, opts, keys, device)
-    if parallel_state.get_data_parallel_rank() == 0:
-        write_rank_tensors(rank_dir, items, stem=OPTIMIZER_STEM, index_file=OPTIMIZER_INDEX)
-    else:
-        for _ in items:  # take part in the reductions
-            pass
+def save_optimizer_state(rank_dir, model, optimizer, opts, keys) -> None:
+    """This rank's part of the optimizer state, written by this rank alone (no collective)."""
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    if _sharded(optimizer):
+        write_part(rank_dir, dp_rank, dp_size, local_state_pieces(model, optimizer, opts, keys))
+    elif dp_rank == 0:  # every DP rank holds the same whole shard
+        write_part(rank_dir, 0, 1, local_state_pieces(model, optimizer, opts, keys))
 
 
 @torch.no_grad()
@@ -176,17 +156,16 @@ def load_optimizer_state(iteration_dir, model, optimizer, opts, keys) -> None:
     stage = parallel_state.get_pipeline_model_parallel_rank()
     mappings = None
     for key in keys:
-        source = ShardedCheckpoint(iteration_dir, index_file=OPTIMIZER_INDEX, prefix=f"{key}/")
+        source = ShardedCheckpoint(iteration_dir, prefix=f"{key}/", reader_class=OptimizerPartsReader)
         if mappings is None:
             mappings = stage_mappings(source.hf_config, opts, stage)
         for name, param in _trainable(model, opts):
             if param not in views:
                 continue  # distributed optimizer: no part of this parameter lives on this DP rank
             start, end, tensors = views[param]
-            m = mappings[name]
             try:
-                shard = hf_to_mcore(m, [source.hf_tensor(h) for h in m.hf], tp_rank, tp_size)
+                part = source.shard_range(mappings[name], tp_rank, tp_size, start, end)
             except CheckpointError as err:
                 raise CheckpointError(f"{err}; was {name} frozen when the checkpoint was saved? "
                                       f"resume with --no-load-optim to start its optimizer state afresh") from None
-            tensors[key].copy_(shard.reshape(-1)[start:end].to(tensors[key].dtype))
+            tensors[key].copy_(part.to(tensors[key].dtype))

@@ -65,15 +65,21 @@ def loaded_optimizer_state(flags: list) -> dict | None:
 
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
-    from megatron_patch.training.optimizer_state import gathered_state, state_keys
+    from megatron_patch.training.optimizer_state import local_state_pieces, state_keys
 
     ctx = build_training(parse_args(flags))
     keys = state_keys(ctx.args.optimizer, ctx.args.sgd_momentum)
     stage, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-    per_key = {k: {} for k in keys}
-    for name, tensor in gathered_state(ctx.model, ctx.optimizer, ctx.opts, keys, ctx.device):
-        key, local = name.split("/", 1)
-        per_key[key][(stage, tp, local)] = tensor
+    pieces = [(name, start, end, shape, {k: v.cpu().clone() for k, v in states.items()})
+              for name, start, end, shape, states in local_state_pieces(ctx.model, ctx.optimizer, ctx.opts, keys)]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (stage, tp, pieces))
+    per_key = {k: {} for k in keys}  # every DP rank's ranges put together into whole TP shards
+    for stage_, tp_, rank_pieces in everyone:
+        for name, start, end, shape, states in rank_pieces:
+            for key, flat in states.items():
+                full = per_key[key].setdefault((stage_, tp_, name), torch.zeros(shape))
+                full.view(-1)[start:end] = flat
     return _gather_states(per_key, ctx)
 
 
@@ -102,14 +108,14 @@ def _gather_states(per_key: dict, ctx):
 
 
 def saved_optimizer_state(iteration_dir, keys) -> dict:
-    """The optimizer state a checkpoint holds, HF-named, merged from its rank folders."""
-    from megatron_patch.models.idefics2.weight_mapping import hf_tensor_names
-    from megatron_patch.training.optimizer_state import OPTIMIZER_INDEX
+    """The optimizer state a checkpoint holds, HF-named, merged from its rank folders' parts."""
+    from megatron_patch.checkpoint.optimizer_parts import OptimizerPartsReader
     from megatron_patch.checkpoint.reshard import ShardedCheckpoint
+    from megatron_patch.models.idefics2.weight_mapping import hf_tensor_names
 
     out = {}
     for key in keys:
-        source = ShardedCheckpoint(iteration_dir, index_file=OPTIMIZER_INDEX, prefix=f"{key}/")
+        source = ShardedCheckpoint(iteration_dir, prefix=f"{key}/", reader_class=OptimizerPartsReader)
         out[key] = {name: source.hf_tensor(name) for name in hf_tensor_names(source.hf_config)}
     return out
 
