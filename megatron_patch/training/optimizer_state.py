@@ -65,13 +65,20 @@ def param_state_views(optimizer, keys) -> dict:
 @torch.no_grad()
 def materialize_state(optimizer) -> None:
     """Create the optimizer's state tensors (torch creates them lazily at the first step) with a
-    step of learning rate 0 on zero gradients; the values are then overwritten by a load."""
+    step of learning rate 0 on zero gradients; the values are then overwritten by a load. The zero
+    gradients are views of one buffer per dtype and device (the optimizers only read them), so this
+    costs the largest parameter, not a second copy of them all."""
     for inner in _torch_optimizers(optimizer):
         lrs = [g["lr"] for g in inner.param_groups]
+        params = [p for group in inner.param_groups for p in group["params"]]
+        zeros = {}
+        for p in params:
+            zeros[(p.dtype, p.device)] = max(zeros.get((p.dtype, p.device), 0), p.numel())
+        zeros = {key: torch.zeros(n, dtype=key[0], device=key[1]) for key, n in zeros.items()}
         for group in inner.param_groups:
             group["lr"] = 0.0
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
+        for p in params:
+            p.grad = zeros[(p.dtype, p.device)][: p.numel()].view_as(p)
         inner.step()
         for group, lr in zip(inner.param_groups, lrs):
             group["lr"] = lr
