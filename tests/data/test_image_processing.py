@@ -135,3 +135,31 @@ def test_bad_settings_name_the_culprit(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 224, "width": 224}}))
     with pytest.raises(ValueError, match="longest_edge/shortest_edge"):
         ImageProcessingConfig.from_preprocessor_config(tmp_path)
+
+
+# Our one deliberate departure from a default Idefics2ImageProcessor is the size (our 378-px longest
+# edge and one-patch shortest edge, which keeps aspect ratios: see DEFAULT_SHORTEST_EDGE in
+# image_processing.py); a model's saved settings replace it. Every other default is Idefics2's own.
+OWN_DEFAULTS = {"size"}
+
+
+def _comparable(value):
+    return tuple(float(x) for x in value) if isinstance(value, (list, tuple)) else value
+
+
+def test_defaults_are_those_of_a_default_transformers_processor():
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    reference = Idefics2ImageProcessorPil()  # transformers' defaults, nothing of ours passed in
+    theirs = {k: v for k, v in reference.to_dict().items() if k != "image_processor_type"}
+    ours = ImageProcessingConfig().hf_kwargs()
+    assert set(theirs) <= set(ours), f"settings we do not carry: {sorted(set(theirs) - set(ours))}"
+    assert {"image_mean", "image_std", "rescale_factor", "do_image_splitting", "resample"} <= set(theirs)
+    differ = {k: (ours[k], theirs[k]) for k in theirs if _comparable(ours[k]) != _comparable(theirs[k])}
+    assert set(differ) <= OWN_DEFAULTS, differ
+    # The same pixels as the default processor once the size is its own too.
+    size = reference.size
+    config = ImageProcessingConfig().with_overrides(longest_edge=size["longest_edge"], shortest_edge=size["shortest_edge"])
+    batch = [[make_image(400, 300, "RGB", seed=0)], [make_image(120, 333, "RGBA", seed=1)]]
+    pixel_values, _, _ = pad_images([Idefics2ImageTransform(config)(sample) for sample in batch])
+    assert torch.equal(pixel_values, reference(batch, return_tensors="pt")["pixel_values"])

@@ -31,6 +31,19 @@ def collate(samples):
     return {"ids": [s["id"] for s in samples], "extra": [s.get("r") for s in samples]}
 
 
+def encode_tokens(record, images):
+    """``encode`` plus a token row to pack, 3-11 tokens long depending on the id."""
+    sample = encode(record, images)
+    n = 3 + sum(map(ord, record["id"])) % 9
+    tokens = torch.full((n,), len(images))
+    return {**sample, "tokens": tokens, "labels": tokens, "loss_mask": torch.ones(n), "pixel_values": []}
+
+
+def collate_rows(rows):
+    """The ids of each row (a packed row holds several samples)."""
+    return {"ids": [row.get("ids", row.get("id")) for row in rows]}
+
+
 def collate_rng_probe(samples):
     """Draws from the worker's global RNGs: collate runs in the worker, outside any per-sample seeding."""
     worker = torch.utils.data.get_worker_info().id
@@ -216,3 +229,22 @@ def test_workers_prefetch_ahead_of_consumption(shard_dirs, workers, prefetch):
     assert loader.consumed_samples == 2 * MBS
     assert loader.prefetched_samples == prefetch * workers * MBS
     it.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_resume_through_load_state_dict(damaged, packed, workers):
+    """Training's path: the loader is built at position 0, then given the checkpoint's state."""
+    kw = {"dp_rank": 1, "dp_size": 2, "num_workers": workers}
+    if packed:
+        kw.update(encode=encode_tokens, collate=collate_rows, pack_seq_length=16, pack_buffer_size=4)
+    steps, stop = 9, 4
+    whole = make(damaged, **kw)
+    uninterrupted = take(whole, steps)
+    first = make(damaged, **kw)
+    head = take(first, stop)
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    resumed = make(damaged, **kw)
+    resumed.load_state_dict(state)
+    assert head + take(resumed, steps - stop) == uninterrupted
+    assert resumed.state_dict() == whole.state_dict()
