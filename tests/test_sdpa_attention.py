@@ -193,3 +193,47 @@ class _FakeGroup:
 
 class _FakeCollection:
     tp = _FakeGroup()
+
+
+def _work(params) -> int:
+    """Query-key pairs SDPA computes for a plan (each group: segments x its longest squared)."""
+    return sum(index.shape[0] * index.shape[1] ** 2 for index, _ in params.groups)
+
+
+def test_packed_segments_are_grouped_so_work_follows_squared_lengths():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        lengths = (torch.rand(int(torch.randint(1, 40, (1,), generator=g)), generator=g) ** 4 * 600 + 1).long()
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+        total = int(cu[-1])
+        params = row_segments(cu, 1, total)
+        assert _work(params) <= sum(n * n for n in lengths.tolist()) / 0.49
+        tokens = torch.cat([index[keep] for index, keep in params.groups])
+        assert torch.equal(tokens.sort().values, torch.arange(total))  # every token in exactly one group
+        assert torch.equal(tokens[params.restore], torch.arange(total))
+    # One 3,072-token sample packed with 32 of 32 tokens: no longer 33 x 3,072^2.
+    skewed = torch.tensor([0, 3072] + [3072 + 32 * (i + 1) for i in range(32)], dtype=torch.int32)
+    assert _work(row_segments(skewed, 1, 4096)) == 3072**2 + 32 * 32**2
+    assert _work(row_segments(skewed, 1, 4096, by_length=False)) == 33 * 3072**2
+
+
+def test_grouped_segments_equal_one_padded_group():
+    """Outputs and input gradients of the length-grouped plan equal those of every segment padded to
+    the longest in one SDPA call (the plan before grouping), windowed too."""
+    lengths = [97, 3, 5, 40, 1, 17, 30, 63]  # two rows of 128, a segment crossing the row end
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    for window in (None, 8):
+        config = _config(GROUPS, 1, **({} if window is None else {"window_size": (window - 1, 0)}))
+        module = SDPAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                              attention_type="self", pg_collection=_FakeCollection())
+        gen = torch.Generator().manual_seed(3)
+        q = torch.randn(128, 2, HEADS, DIM, generator=gen)
+        k, v = torch.randn(128, 2, GROUPS, DIM, generator=gen), torch.randn(128, 2, GROUPS, DIM, generator=gen)
+        results = []
+        for by_length in (True, False):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = module(*inputs, None, packed_seq_params=row_segments(cu, 2, 128, by_length=by_length))
+            out.square().sum().backward()
+            results.append([out.detach()] + [t.grad for t in inputs])
+        for ours, padded in zip(*results):
+            torch.testing.assert_close(ours, padded, rtol=1e-4, atol=2e-5)

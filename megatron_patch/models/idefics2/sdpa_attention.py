@@ -9,9 +9,10 @@ only blocks of scores alive. The numbers are those of the unfused path:
 - grouped-query attention: `enable_gqa=True`, so K/V are not repeated per query head;
 - an explicit megatron-core mask (bool, True = masked; [b, 1, 1, s] key padding for the vision tower,
   or any [b, 1, s, s]) becomes SDPA's keep-mask (True = attend);
-- packed rows (several samples per row) come as `PackedSeqParams(qkv_format="sbhd")` with segment
-  boundaries (`row_segments`): each segment is gathered into a padded batch [segments, heads, longest,
-  dim] and run with `is_causal=True`, so no [s, s] mask exists and the work is segments x longest^2.
+- packed rows (several samples per row) come as `PackedRows` (`row_segments`, made once per
+  micro-batch): segments grouped by length, each group gathered into a padded batch [segments, heads,
+  its longest, dim] and run with `is_causal=True`, so no [s, s] mask exists and the work follows the
+  sum of squared segment lengths (at most ~2x it), not segments x the longest's square.
   A real query of a segment padded at its end sees only earlier keys, all real: no mask is needed.
 - sliding-window causal attention (`config.window_size = (W - 1, 0)`, Mistral's `sliding_window` W: a
   query sees itself and the W - 1 keys before it): when a sequence (or packed segment) is longer than
@@ -26,6 +27,7 @@ real patch; a packed token always sees itself).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,7 +40,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_patch.models.idefics2.varlen_attention import segment_ids
 
 # `enable_gqa` arrived in torch 2.5; older torch repeats K/V per query head as the unfused path does.
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -56,20 +57,70 @@ def keep_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return ~attention_mask
 
 
-def row_segments(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> PackedSeqParams:
+@dataclass
+class PackedRows(PackedSeqParams):
+    """megatron-core's packed-sequence params (sbhd) plus the plan SDPAttention runs them by, made
+    once per micro-batch (`row_segments`) and shared by every layer: segments grouped by length, each
+    group padded only to its own longest, so the work follows the sum of squared segment lengths.
+
+    groups: per group, (gather index [n, L] into the b-major flattened tokens, with `total` for padding;
+            keep [n, L], True at real tokens). restore: where each token's output sits in the
+            concatenation of every group's real tokens (an inverse permutation)."""
+
+    groups: tuple = ()
+    restore: Optional[torch.Tensor] = None
+
+
+_GROUP_RATIO = 0.7
+"""A segment joins a group whose longest is L when it has at least 0.7 L tokens, so padding costs at
+most 1 / 0.7^2 ~ 2x its own attention, and lengths from 1 to 4,096 make at most ~24 groups."""
+
+
+def _length_groups(lengths: list[int], by_length: bool) -> list[list[int]]:
+    """Segment indices grouped for padding, longest first (one group of all when not `by_length`)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if not by_length:
+        return [order]
+    groups = []
+    for i in order:
+        if groups and lengths[i] >= _GROUP_RATIO * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def row_segments(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, by_length: bool = True) -> PackedRows:
     """Packed rows [b, s] as SDPAttention's segment params: `cu_seqlens` (boundaries over the b-major
     flattened [b * s] tokens, covering all of them) split at every row end too, so that no segment
     crosses rows; `max_seqlen_*` is the row length (megatron-core sizes RoPE by it; positions run
-    along the row, as without packing)."""
-    rows = torch.arange(0, batch_size * seq_len + 1, seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != batch_size * seq_len:
+    along the row, as without packing). `by_length=False` pads every segment to the longest in one
+    group (what this code did before grouping; benches compare the two)."""
+    total = batch_size * seq_len
+    bounds = cu_seqlens.tolist()  # the one host sync of a micro-batch's packing; layers reuse the plan
+    if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(
-            f"cu_seqlens must run from 0 to batch x seq_length = {batch_size * seq_len} (pad tokens included), "
-            f"got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}"
+            f"cu_seqlens must run from 0 to batch x seq_length = {total} (pad tokens included), "
+            f"got {bounds[0]} .. {bounds[-1]}"
         )
-    cu = torch.unique(torch.cat([cu_seqlens, rows]))  # sorted
-    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_len,
-                           max_seqlen_kv=seq_len)
+    bounds = sorted(set(bounds) | set(range(0, total + 1, seq_len)))
+    device = cu_seqlens.device
+    starts_all, lengths = bounds[:-1], [b - a for a, b in zip(bounds, bounds[1:])]
+    groups, real = [], []
+    for members in _length_groups(lengths, by_length):
+        longest = lengths[members[0]]
+        starts = torch.tensor([starts_all[i] for i in members], device=device)
+        sizes = torch.tensor([lengths[i] for i in members], device=device)
+        offsets = torch.arange(longest, device=device)
+        keep = offsets[None, :] < sizes[:, None]
+        index = torch.where(keep, starts[:, None] + offsets[None, :], total)
+        groups.append((index, keep))
+        real.append(index[keep])
+    restore = torch.empty(total, dtype=torch.long, device=device)
+    restore[torch.cat(real)] = torch.arange(total, device=device)
+    cu = torch.tensor(bounds, dtype=cu_seqlens.dtype, device=device)
+    return PackedRows(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_len,
+                      max_seqlen_kv=seq_len, groups=tuple(groups), restore=restore)
 
 
 def _keys_per_query(config: TransformerConfig, attn_mask_type: AttnMaskType) -> Optional[int]:
@@ -98,14 +149,6 @@ def _band_mask(window: int, device) -> torch.Tensor:
     r = torch.arange(window, device=device)[:, None]
     c = torch.arange(2 * window - 1, device=device)[None, :]
     return (c >= r) & (c <= r + window - 1)
-
-
-def _segments_padded(x: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, num: int, longest: int) -> torch.Tensor:
-    """[s, b, h, d] -> [num, h, longest, d]: each segment of the b-major flattened tokens, zero padded."""
-    flat = x.transpose(0, 1).reshape(-1, *x.shape[2:])
-    out = flat.new_zeros(num, longest, *x.shape[2:])
-    out[seg, pos] = flat
-    return out.transpose(1, 2)
 
 
 class SDPAttention(MegatronModule):
@@ -192,26 +235,35 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             if attention_mask is not None or mask_type != AttnMaskType.causal:
                 raise ValueError("packed rows (sbhd segments) are causal and take no attention mask")
-            return self._segments_forward(query, key, value, packed_seq_params.cu_seqlens_q)
+            if not isinstance(packed_seq_params, PackedRows):
+                raise ValueError("packed rows must come as sdpa_attention.row_segments(...) (segments grouped once per "
+                                 f"micro-batch), got {type(packed_seq_params).__name__}")
+            return self._segments_forward(query, key, value, packed_seq_params)
         # [s, b, h, d] -> [b, h, s, d] (views; SDPA accepts the strides)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         return self._attend(q, k, v, keep_mask(attention_mask), is_causal).permute(2, 0, 1, 3).reshape(
             sq, query.shape[1], self.hidden_size_per_partition
         )
 
-    def _segments_forward(self, query, key, value, cu_seqlens) -> torch.Tensor:
-        """Causal attention inside each segment of the b-major flattened rows -> [s, b, np * hn]."""
+    def _segments_forward(self, query, key, value, packed: PackedRows) -> torch.Tensor:
+        """Causal attention inside each segment of the b-major flattened rows -> [s, b, np * hn]: one
+        SDPA call per length group, each padded to its own longest; a real query of a segment padded
+        at its end sees only earlier keys, all real, so no mask is needed."""
         s, b = query.shape[:2]
         if key.shape[0] != s:
             raise ValueError(f"packed rows need as many keys as queries, got {key.shape[0]} and {s}")
-        total = s * b
-        seg = segment_ids(cu_seqlens, total)
-        pos = torch.arange(total, device=query.device) - cu_seqlens[seg].long()
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        num, longest = lengths.numel(), int(lengths.max())
-        q, k, v = (_segments_padded(t, seg, pos, num, longest) for t in (query, key, value))
-        context = self._attend(q, k, v, None, is_causal=longest > 1)  # [num, h, longest, d]
-        context = context.transpose(1, 2)[seg, pos]  # [b * s, h, d]
+
+        def flat(x):  # [s, b, h, d] -> [b * s + 1, h, d]: b-major tokens, then one zero row for padding
+            tokens = x.transpose(0, 1).reshape(s * b, *x.shape[2:])
+            return torch.cat([tokens, tokens.new_zeros(1, *x.shape[2:])])
+
+        q, k, v = flat(query), flat(key), flat(value)
+        outputs = []
+        for index, keep in packed.groups:
+            grouped = [t[index].transpose(1, 2) for t in (q, k, v)]  # [n, h, L, d]
+            context = self._attend(*grouped, None, is_causal=index.shape[1] > 1)
+            outputs.append(context.transpose(1, 2)[keep])  # the group's real tokens [real, h, d]
+        context = torch.cat(outputs)[packed.restore]  # [b * s, h, d] in token order
         return context.reshape(b, s, self.hidden_size_per_partition).transpose(0, 1).contiguous()
 
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
