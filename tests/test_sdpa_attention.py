@@ -237,3 +237,24 @@ def test_grouped_segments_equal_one_padded_group():
             results.append([out.detach()] + [t.grad for t in inputs])
         for ours, padded in zip(*results):
             torch.testing.assert_close(ours, padded, rtol=1e-4, atol=2e-5)
+
+
+def test_masked_gqa_calls_repeat_kv_for_the_fused_kernels(monkeypatch):
+    """A masked SDPA call (the window's band) gets K/V repeated per query head: with `enable_gqa` and a
+    mask, CUDA has no fused kernel and falls to the math one (fp32 scores kept for backward)."""
+    import megatron_patch.models.idefics2.sdpa_attention as sdpa
+
+    calls, original = [], sdpa.F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, **kwargs):
+        calls.append((attn_mask is not None, q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", record)
+    module = SDPAttention(_config(GROUPS, 1, window_size=(4, 0)), 1, AttnMaskType.causal, "self",
+                          pg_collection=_FakeCollection())
+    q, kv = torch.randn(24, 1, HEADS, DIM), torch.randn(24, 1, GROUPS, DIM)
+    module(q, kv, kv, None)
+    masked = [c for c in calls if c[0]]
+    assert masked and all(heads == kv_heads and not gqa for _, heads, kv_heads, gqa in masked)
+    assert any(gqa for masked_, _, _, gqa in calls if not masked_)  # the unmasked first block keeps enable_gqa

@@ -284,9 +284,10 @@ class SDPAttention(MegatronModule):
     def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         gqa = {}
         if q.shape[1] != k.shape[1]:
-            if _HAS_ENABLE_GQA:
+            if _HAS_ENABLE_GQA and mask is None:
                 gqa = {"enable_gqa": True}
-            else:
+            else:  # with a mask (the window's band) CUDA's fused kernels take repeated K/V, not enable_gqa
+                # (which would send the call to the math kernel and its fp32 [b, h, sq, sk] scores)
                 rep = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout_p = self.dropout_p if self.training else 0.0
