@@ -36,10 +36,11 @@ def with_rope(config, rope_parameters: dict):
     return config
 
 
-def tiny_hf_model(text: str, tied: bool, seed: int = 0, rope_parameters=None, sliding_window=None):
+def tiny_hf_model(text: str, tied: bool, seed: int = 0, rope_parameters=None, sliding_window=None,
+                  perceiver_kv_heads=None):
     from transformers import Idefics2ForConditionalGeneration
 
-    config = tiny_idefics2_config(text, tie_word_embeddings=tied)
+    config = tiny_idefics2_config(text, tie_word_embeddings=tied, perceiver_kv_heads=perceiver_kv_heads)
     config.text_config.sliding_window = sliding_window  # Mistral's field
     if rope_parameters is not None:
         config = with_rope(config, rope_parameters)
@@ -57,16 +58,18 @@ def build_from_hf(config, hf_model, opts: ParallelOptions, init_weights: bool = 
 
 
 def parity_case(text: str, tp: int, pp: int, num_images: int, tied: bool = False, first_stage_layers=None,
-                rope=None, megatron_rope=None, text_tokens: int = 12, use_te: bool = False, sliding_window=None):
+                rope=None, megatron_rope=None, text_tokens: int = 12, use_te: bool = False, sliding_window=None,
+                perceiver_kv_heads=None):
     """Max abs diff per component between Megatron at tp x pp and transformers (on rank 0).
 
     `rope`: the text config's `rope_parameters`; `megatron_rope`: other ones for the Megatron model
     only (to show a RoPE setting matters); `text_tokens` per sample besides the image blocks;
     `use_te`: transformer-engine layers (the Megatron model on this rank's device, CUDA with TE);
-    `sliding_window`: Mistral's, for both models.
+    `sliding_window`: Mistral's, for both models; `perceiver_kv_heads`: the perceiver's KV heads.
     """
     init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope, sliding_window=sliding_window)
+    config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope, sliding_window=sliding_window,
+                                     perceiver_kv_heads=perceiver_kv_heads)
     opts = ParallelOptions(tp, pp, decoder_first_pipeline_num_layers=first_stage_layers, use_transformer_engine=use_te)
     megatron_config = config if megatron_rope is None else with_rope(config, megatron_rope)
     device = get_device()
@@ -91,24 +94,26 @@ def _shifted(inputs):
 
 
 def _wrap_ddp(model):
-    """megatron-core DDP plus its grad finalisation (TP all-reduce of sequence-parallel norm grads,
-    tied-embedding sync), as training runs it."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    """megatron-core DDP plus training's grad finalisation (TP all-reduce of sequence-parallel norm
+    grads, tied-embedding sync, the sum over replicated perceiver KV copies)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_patch.training.optimizer import finalize_grads
 
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(overlap_grad_reduce=False), model)
-    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.finalize_model_grads_func = finalize_grads
     return ddp
 
 
 def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bool = False, sliding_window=None,
-                        **options):
+                        perceiver_kv_heads=None, **options):
     """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0).
 
     `options` are extra ParallelOptions fields (activation recompute, sequence parallel, ...); with
     `ddp` the model runs inside megatron-core's DDP and grads are finalised as in training.
     """
     init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window)
+    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window, perceiver_kv_heads=perceiver_kv_heads)
     opts = ParallelOptions(tp, pp, **options)
     model = build_from_hf(config, hf_model, opts)
     chunk = _wrap_ddp(model) if ddp else model
@@ -157,9 +162,9 @@ def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bo
     return loss, grads
 
 
-def hf_loss_and_grads(text: str, tied: bool = False, sliding_window=None):
+def hf_loss_and_grads(text: str, tied: bool = False, sliding_window=None, perceiver_kv_heads=None):
     """The same micro-batch through transformers' Idefics2: loss and gradients by HF name."""
-    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window)
+    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window, perceiver_kv_heads=perceiver_kv_heads)
     inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
     out = hf_model(
         input_ids=inputs["input_ids"],

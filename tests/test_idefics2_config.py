@@ -23,7 +23,8 @@ from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
     "opts,world_size,expected",
     [
         (ParallelOptions(tensor_model_parallel_size=3), None, "--tensor-model-parallel-size 3 does not divide"),
-        (ParallelOptions(tensor_model_parallel_size=4), None, "perceiver num_key_value_heads"),
+        # the perceiver's 2 KV heads would be replicated at TP 4; the text model's 2 cannot be
+        (ParallelOptions(tensor_model_parallel_size=4), None, "does not divide the text num_key_value_heads (2)"),
         (ParallelOptions(pipeline_model_parallel_size=3), None, "do not split evenly over --pipeline-model-parallel-size 3"),
         (ParallelOptions(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=4), None, "--decoder-first-pipeline-num-layers 4 must be between 1 and 3"),
         (ParallelOptions(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=1), None, "leaves 3 of 4 LLM layers"),

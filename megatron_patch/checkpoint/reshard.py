@@ -21,7 +21,13 @@ from megatron_patch.checkpoint.info import CheckpointInfo
 from megatron_patch.checkpoint.layout import Iteration, rank_dir_name, resolve_iteration
 from megatron_patch.checkpoint.model_files import INDEX_FILE, RankReader
 from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings, validate_layout
-from megatron_patch.models.idefics2.weight_mapping import TensorMapping, hf_to_mcore, mcore_to_hf, tensor_mappings
+from megatron_patch.models.idefics2.weight_mapping import (
+    KVCopyMismatch,
+    TensorMapping,
+    hf_to_mcore,
+    mcore_to_hf,
+    tensor_mappings,
+)
 
 
 class ShardedCheckpoint:
@@ -75,9 +81,12 @@ class ShardedCheckpoint:
             shards.append(reader.get(name))
         return shards
 
-    def hf_tensors(self, m: TensorMapping, stage: int, local: str) -> list[torch.Tensor]:
-        """The HF tensors of mapping `m`, merged from its shards at (stage, local)."""
-        return mcore_to_hf(m, self.mcore_shards(stage, local))
+    def hf_tensors(self, m: TensorMapping, stage: int, local: str, shards=None) -> list[torch.Tensor]:
+        """The HF tensors of mapping `m`, merged from its shards at (stage, local) (read unless given)."""
+        try:
+            return mcore_to_hf(m, self.mcore_shards(stage, local) if shards is None else shards)
+        except KVCopyMismatch as err:  # replicated KV copies out of sync: no copy is "the" weight
+            raise CheckpointError(f"checkpoint {self.dir} ({self.index_file}): {self.prefix}{err}") from None
 
     def shard_range(self, m: TensorMapping, tp_rank: int, tp_size: int, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the flattened TP shard `tp_rank` of `tp_size` of tensor `m`. Where

@@ -29,7 +29,8 @@ def freeze(model, frozen) -> None:
 
 def _counted_once(param) -> bool:
     """Whether this rank counts `param` in model-wide totals: TP-replicated tensors on TP rank 0
-    only, the tied head's copy on the last stage not at all."""
+    only, a replicated perceiver KV head on its first copy's rank only (`kv_replication.mark_copy`),
+    the tied head's copy on the last stage not at all."""
     return tensor_parallel.param_is_not_tensor_parallel_duplicate(param) and not getattr(param, "shared", False)
 
 

@@ -17,6 +17,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_patch.models.idefics2.kv_replication import sum_copy_grads
+
 
 def wrap_ddp(model, args) -> DistributedDataParallel:
     """megatron-core DDP over the trainable parameters; the per-token loss path is switched on."""
@@ -31,8 +33,15 @@ def wrap_ddp(model, args) -> DistributedDataParallel:
     ddp = DistributedDataParallel(config, ddp_config, model)
     config.no_sync_func = ddp.no_sync
     config.grad_sync_func = ddp.start_grad_sync if args.overlap_grad_reduce else None
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     return ddp
+
+
+def finalize_grads(model_chunks, num_tokens=None, **kwargs) -> None:
+    """megatron-core's grad finalisation (DP reduce, tied embedding, per-token scaling), then the sum
+    over the TP ranks holding copies of one perceiver KV head (`kv_replication`)."""
+    finalize_model_grads(model_chunks, num_tokens, **kwargs)
+    sum_copy_grads(model_chunks)
 
 
 def build_optimizer(model, args):

@@ -113,7 +113,7 @@ def test_config_with_a_field_of_the_wrong_type(good, tmp_path, capsys):
 
 @pytest.mark.parametrize("tp,pp,message", [
     (3, 1, "--target-tensor-model-parallel-size 3 does not divide the vision num_attention_heads (4)"),
-    (4, 1, "--target-tensor-model-parallel-size 4 does not divide the perceiver num_key_value_heads (2)"),
+    (4, 1, "--target-tensor-model-parallel-size 4 does not divide the text num_key_value_heads (2)"),
     (1, 3, "the 4 LLM layers do not split evenly over --target-pipeline-model-parallel-size 3"),
 ])
 def test_layout_that_does_not_fit(good, tmp_path, capsys, tp, pp, message):

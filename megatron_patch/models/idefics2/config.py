@@ -63,7 +63,8 @@ class ParallelOptions:
     """--use-cpu-initialization: create (and initialise) parameters on the CPU, then move them. None:
     only when CUDA is absent; on a GPU parameters are created on the device (no per-rank host copy of
     the model, no host->device copies). CPU initialisation draws the full matrix and slices it, so the
-    random init is the same at every TP size; the GPU path draws each shard from the TP-rank RNG."""
+    random init is the same at every TP size (but for the perceiver's KV heads at TP above their count,
+    where every copy takes its first copy's values); the GPU path draws each shard from the TP-rank RNG."""
     bias_fusions: Optional[bool] = None
     """megatron-core's torch.compile'd bias+activation (SwiGLU, tanh-GELU) and bias+dropout+add fusions
     (`bias_activation_fusion`, `bias_dropout_fusion`); they need no extra package and keep the numbers.
@@ -180,18 +181,24 @@ def validate_layout(hf_config, opts: ParallelOptions, world_size: Optional[int] 
         )
     v, p, t = hf_config.vision_config, hf_config.perceiver_config, hf_config.text_config
     checks = [
-        ("vision num_attention_heads", v.num_attention_heads),
-        ("perceiver resampler_n_heads", p.resampler_n_heads),
-        ("perceiver num_key_value_heads", p.num_key_value_heads),
-        ("text num_attention_heads", t.num_attention_heads),
-        ("text num_key_value_heads", t.num_key_value_heads),
+        ("vision num_attention_heads", v.num_attention_heads, ""),
+        ("perceiver resampler_n_heads", p.resampler_n_heads, ""),
+        ("text num_attention_heads", t.num_attention_heads, ""),
+        # megatron-core's GQA splits the text model's KV heads; only the perceiver replicates them.
+        ("text num_key_value_heads", t.num_key_value_heads, " (only the perceiver's KV heads are replicated)"),
     ]
-    for name, value in checks:
+    for name, value, note in checks:
         if value % tp != 0:
             raise ValueError(
                 f"--tensor-model-parallel-size {tp} does not divide the {name} ({value}); "
-                f"choose a TP size that divides it"
+                f"choose a TP size that divides it{note}"
             )
+    kv = p.num_key_value_heads
+    if kv % tp != 0 and tp % kv != 0:  # split when TP divides them, replicated (kv_replication.py) when above
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} and the perceiver num_key_value_heads ({kv}) must divide one "
+            f"another; choose a TP size that divides {kv} or a multiple of it"
+        )
     n = t.num_hidden_layers
     first = opts.decoder_first_pipeline_num_layers
     if first is not None:

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
 from megatron_patch.models.idefics2.connector import Connector
+from megatron_patch.models.idefics2.kv_replication import COPIES_ATTR
 from megatron_patch.models.idefics2.layer_specs import language_block_spec
 from megatron_patch.models.idefics2.sdpa_attention import row_segments
 from megatron_patch.models.idefics2.varlen_attention import segment_ids
@@ -187,7 +188,7 @@ class Idefics2Model(MegatronModule):
         )
 
 
-def build_model(hf_config, opts: ParallelOptions, init_weights: bool = True) -> Idefics2Model:
+def build_model(hf_config, opts: ParallelOptions, init_weights: bool = True, device=None) -> Idefics2Model:
     """The model part this rank holds (needs megatron-core's parallel state to be initialised).
 
     `init_weights=False` when every weight is loaded right after (a checkpoint, HF weights): nothing is
@@ -195,9 +196,12 @@ def build_model(hf_config, opts: ParallelOptions, init_weights: bool = True) -> 
     On CUDA (unless `opts.use_cpu_initialization`) parameters are created on the current GPU:
     megatron-core's layers place their own there, and the default-device context puts our torch
     modules (patch embedding, position table, norms, perceiver latents) on it too.
+    `device="meta"` (with `opts.use_cpu_initialization` and `init_weights=False`, as
+    `meta_build.build_rank_on_meta` passes them): shapes only, no memory (the layout planner).
     """
     configs = build_configs(hf_config, opts, init_weights)
-    device = "cpu" if configs.language.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
+    if device is None:
+        device = "cpu" if configs.language.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
     with torch.device(device):
         model = Idefics2Model(
             configs,
@@ -224,6 +228,7 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     for module in model.modules():
         for kind, dim in split_dims:
             weight = getattr(module, "weight", None)
-            if isinstance(module, kind) and weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            if (isinstance(module, kind) and weight is not None and not getattr(weight, "tensor_model_parallel", False)
+                    and not hasattr(weight, COPIES_ATTR)):  # replicated KV copies are marked already
                 stride = 2 if id(module) in gated_fc1 else 1
                 tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, stride)

@@ -7,13 +7,14 @@ batch with `cu_seqlens`, run by `varlen_attention`.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megatron_patch.models.idefics2.kv_replication import copy_from_primary, groups_per_rank, kv_copies, mark_copy
 from megatron_patch.models.idefics2.norms import TorchNorm
 from megatron_patch.models.idefics2.swiglu import SwiGLUMLP
 from megatron_patch.models.idefics2.varlen_attention import varlen_attention
@@ -57,15 +58,21 @@ class PerceiverAttention(MegatronModule):
         tp = config.tensor_model_parallel_size
         self.head_dim = config.kv_channels
         self.heads_per_rank = config.num_attention_heads // tp
-        self.groups_per_rank = config.num_query_groups // tp
+        groups = config.num_query_groups
+        self.groups_per_rank = groups_per_rank(groups, tp)
+        copies = kv_copies(groups, tp)  # > 1: TP exceeds the KV heads, each rank holds its group's copy
         linear = dict(config=config, init_method=config.init_method, bias=False)
         self.linear_q = ColumnParallelLinear(
             config.hidden_size, config.num_attention_heads * self.head_dim, gather_output=False, **linear
         )
         # k and v fused, interleaved per query group: [k_g, v_g] for each group g.
         self.linear_kv = ColumnParallelLinear(
-            config.hidden_size, 2 * config.num_query_groups * self.head_dim, gather_output=False, **linear
+            config.hidden_size, 2 * groups * copies * self.head_dim, gather_output=False, **linear
         )
+        if copies > 1:
+            mark_copy(self.linear_kv.weight, copies, parallel_state.get_tensor_model_parallel_rank())
+            if config.perform_initialization:  # megatron-core drew a different slice on each copy
+                copy_from_primary([self.linear_kv.weight])
         self.linear_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim,
             config.hidden_size,

@@ -21,8 +21,9 @@ _TEXT = {
 
 
 def tiny_idefics2_config(text: str = "mistral", tie_word_embeddings: bool = False, vocab_size: int | None = None,
-                         **overrides) -> Idefics2Config:
-    """A 2-4 layer Idefics2 config; `text` is 'mistral' or 'llama'; `vocab_size` to fit a real tokenizer."""
+                         perceiver_kv_heads: int | None = None, **overrides) -> Idefics2Config:
+    """A 2-4 layer Idefics2 config; `text` is 'mistral' or 'llama'; `vocab_size` to fit a real tokenizer;
+    `perceiver_kv_heads` (of its 4 query heads) below the TP size exercises replicated KV heads."""
     # The text model's own flag agrees with the top-level one (config.tied_word_embeddings refuses a mismatch).
     text_config = dict(_TEXT[text], tie_word_embeddings=tie_word_embeddings)
     if vocab_size is not None:
@@ -30,7 +31,7 @@ def tiny_idefics2_config(text: str = "mistral", tie_word_embeddings: bool = Fals
     vocab = text_config["vocab_size"]
     perceiver = dict(
         hidden_size=text_config["hidden_size"], resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
-        resampler_head_dim=8, num_key_value_heads=2 if text == "mistral" else 4,
+        resampler_head_dim=8, num_key_value_heads=perceiver_kv_heads or (2 if text == "mistral" else 4),
     )
     ids = dict(image_token_id=vocab - 2, fake_image_token_id=vocab - 3)
     return Idefics2Config(

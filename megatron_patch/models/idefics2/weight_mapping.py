@@ -10,7 +10,9 @@ Split rules:
 - vocab: rows padded with zeros to the padded vocabulary, then split along dim 0.
 - gated: HF (gate, up) -> each split along dim 0, rank r holds [gate_r; up_r] (megatron's fused fc1).
 - qkv: HF (q, k, v) -> interleaved per query group [q heads of g; k_g; v_g], then split along dim 0.
-- kv: HF (k, v) -> interleaved per query group [k_g; v_g], then split along dim 0.
+- kv: HF (k, v) -> interleaved per query group [k_g; v_g], then split along dim 0; with more TP
+  ranks than groups (the perceiver at TP > its KV heads) rank r holds a copy of group
+  r // (TP / groups), and merging reads one copy per group and refuses copies that differ.
 """
 from __future__ import annotations
 
@@ -203,7 +205,8 @@ def hf_to_mcore(m: TensorMapping, hf: Sequence[torch.Tensor], tp_rank: int, tp_s
         return torch.cat([x.chunk(tp_size, dim=0)[tp_rank] for x in hf])
     if m.split in (QKV, KV):
         full = _group_interleave(hf, _group_sizes(m), m.heads[1])
-        return full.chunk(tp_size, dim=0)[tp_rank]
+        copies = _kv_copies(m, tp_size)
+        return full.chunk(tp_size // copies, dim=0)[tp_rank // copies]
     raise ValueError(f"unknown split rule {m.split!r} for {m.mcore}")
 
 
@@ -221,5 +224,33 @@ def mcore_to_hf(m: TensorMapping, shards: Sequence[torch.Tensor]) -> list[torch.
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
     if m.split in (QKV, KV):
-        return _group_split(torch.cat(shards, dim=0), _group_sizes(m), m.heads[1])
+        copies = _kv_copies(m, len(shards))
+        return _group_split(torch.cat(_one_copy_per_group(m, shards, copies), dim=0), _group_sizes(m), m.heads[1])
     raise ValueError(f"unknown split rule {m.split!r} for {m.mcore}")
+
+
+class KVCopyMismatch(ValueError):
+    """TP ranks hold different copies of one replicated KV head: the checkpoint (or gradient) is not
+    one model, and no copy can be chosen over the others."""
+
+
+def _kv_copies(m: TensorMapping, tp_size: int) -> int:
+    """TP ranks holding each query group of a qkv/kv tensor (1 unless TP exceeds the groups)."""
+    groups = m.heads[1]
+    if tp_size <= groups:
+        return 1
+    if m.split != KV or tp_size % groups:  # only the perceiver's own attention replicates KV heads
+        raise ValueError(f"{m.mcore}: {tp_size} TP ranks cannot hold {groups} query groups; "
+                         f"use a TP size that divides {groups}")
+    return tp_size // groups
+
+
+def _one_copy_per_group(m: TensorMapping, shards: Sequence[torch.Tensor], copies: int) -> list[torch.Tensor]:
+    """The first copy of each group; KVCopyMismatch (one line) if another copy differs from it."""
+    firsts = list(shards[::copies])
+    for r, shard in enumerate(shards):
+        if r % copies and not torch.equal(shard, firsts[r // copies]):
+            first = r // copies * copies
+            raise KVCopyMismatch(f"{m.mcore}: TP rank {r} holds a copy of KV group {r // copies} that differs from "
+                                 f"TP rank {first}'s; the replicated KV heads are out of sync")
+    return firsts

@@ -43,6 +43,8 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", choices=["none", "mistral"], default="none",
                    help="mistral: save the real Mistral tokenizer and a processor; the vocabulary follows it")
     p.add_argument("--image-size", type=int, default=56, help="longest image edge of the processor (--tokenizer)")
+    p.add_argument("--perceiver-kv-heads", type=int, default=None,
+                   help="KV heads of the perceiver's 4 query heads (1 exercises KV heads replicated over TP)")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer, Idefics2ForConditionalGeneration
@@ -61,7 +63,8 @@ def main(argv=None) -> None:
             fake_image_token_id=tokenizer.convert_tokens_to_ids("<fake_token_around_image>"),
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-    config = tiny_idefics2_config(args.text, args.tie_word_embeddings, **overrides)
+    config = tiny_idefics2_config(args.text, args.tie_word_embeddings, perceiver_kv_heads=args.perceiver_kv_heads,
+                                  **overrides)
     torch.manual_seed(args.seed)
     model = Idefics2ForConditionalGeneration(config)
     randomize_weights(model, args.seed)

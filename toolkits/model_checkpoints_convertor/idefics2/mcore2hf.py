@@ -40,7 +40,6 @@ from megatron_patch.checkpoint.reshard import ShardedCheckpoint  # noqa: E402
 from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
 from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
 from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders  # noqa: E402
-from megatron_patch.models.idefics2.weight_mapping import mcore_to_hf  # noqa: E402
 
 PROG = "mcore2hf"
 
@@ -104,7 +103,7 @@ def convert(args: argparse.Namespace) -> str:
                     uses.update((stage, r, local) for r in range(tp))
                     summary.read_tensors += len(shards)
                     summary.read_bytes += sum(s.nbytes for s in shards)
-                    tensors = mcore_to_hf(m, shards)
+                    tensors = source.hf_tensors(m, stage, local, shards)  # refuses unequal KV copies
                     if merged is None:
                         merged = tensors
                     elif not all(torch.equal(a, b) for a, b in zip(merged, tensors)):
