@@ -33,3 +33,35 @@ def test_swiglu_keeps_only_its_input_for_backward():
     y = swiglu(x * 1.0)
     saved = [t for t in y.grad_fn.saved_tensors]
     assert len(saved) == 1 and saved[0].shape == x.shape
+
+
+def build_language_layers_and_log() -> tuple[list[str], str]:
+    """(warnings logged while building the local language layers, the MLP class built) on one rank."""
+    import logging
+
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_patch.models.idefics2.layer_specs import language_block_spec
+    from megatron_patch.platform import init_distributed
+
+    init_distributed(1, 1, seed=0)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, gated_linear_unit=True,
+                                   activation_func=F.silu, add_bias_linear=False)
+        block = TransformerBlock(config, language_block_spec(config, use_te=False))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return records, type(block.layers[0].mlp).__name__
+
+
+def test_the_local_mlp_builds_without_megatron_cores_unknown_type_warning():
+    from tests.distributed_harness import run_distributed
+
+    records, mlp = run_distributed(1, build_language_layers_and_log)[0]
+    assert mlp == "SwiGLUMLP"
+    assert not [r for r in records if "Unknown MLP type" in r], records

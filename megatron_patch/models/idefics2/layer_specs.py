@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -67,11 +68,23 @@ def _layer_spec(use_te: bool) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **local))
 
 
+class _MLPSubclassIsKnown(logging.Filter):
+    """megatron-core 0.16's TransformerLayer logs "Unknown MLP type" for any MLP subclass in a
+    ModuleSpec (it compares `module == MLP`), then builds it with its default arguments, which take
+    the TP group from the parallel state: what SwiGLUMLP needs. The line would only be noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
 def _with_mlp_class(mlp, cls):
     """The MLP entry of a layer spec building `cls` instead: a `ModuleSpec` up to megatron-core 0.16,
     from 0.17 on a `functools.partial` of `MLP.as_mlp_submodule` (a classmethod, so `cls`'s is used)."""
     if isinstance(mlp, functools.partial):
         return functools.partial(cls.as_mlp_submodule, *mlp.args, **mlp.keywords)
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _MLPSubclassIsKnown) for f in layer_logger.filters):
+        layer_logger.addFilter(_MLPSubclassIsKnown())
     return dataclasses.replace(mlp, module=cls)
 
 
