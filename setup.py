@@ -12,7 +12,7 @@ setup(
     install_requires=[
         # torch is not pinned here: install the build for your machine first (see README).
         "torch>=2.4",
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.20",  # 0.16 on Python 3.11; 0.17+ need Python 3.12 (both in CI)
         "transformers>=5.0,<6",
         "safetensors>=0.4",
         "sentencepiece>=0.2",

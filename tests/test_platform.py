@@ -22,10 +22,10 @@ VOCAB, SEQ, MICRO_BATCH, MICROBATCHES, STEPS = 64, 16, 2, 4, 4
 def test_version_guard_refuses_unverified_megatron_versions():
     from megatron_patch.platform import cpu_compat
 
-    cpu_compat.check_megatron_version("0.16.1")
-    cpu_compat.check_megatron_version("0.16.5")
-    for version in ("0.16.0", "0.17.0", "1.0.0", "0.15.3"):
-        with pytest.raises(cpu_compat.UnsupportedMegatronVersion, match="verified with megatron-core>=0.16.1,<0.17"):
+    for version in ("0.16.1", "0.16.5", "0.19.2"):
+        cpu_compat.check_megatron_version(version)
+    for version in ("0.16.0", "0.20.0", "1.0.0", "0.15.3"):
+        with pytest.raises(cpu_compat.UnsupportedMegatronVersion, match=r"verified with megatron-core>=0\.16\.1"):
             cpu_compat.check_megatron_version(version)
 
 

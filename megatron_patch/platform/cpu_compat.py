@@ -1,9 +1,10 @@
 """CPU compatibility layer: the unmodified megatron-core code running on CPU with gloo.
 
 megatron-core assumes CUDA. `apply()` is called once by `setup_platform()` and only when CUDA is
-absent; on a GPU machine nothing here is touched. Verified with megatron-core >=0.16.1,<0.17:
-`check_megatron_version()` refuses anything else, because every redirect below names a place in
-megatron-core that an upgrade may move.
+absent; on a GPU machine nothing here is touched. Verified with megatron-core 0.16.1 (Python 3.11)
+and 0.17.1, 0.18.2, 0.19.2 (Python 3.12; CI runs 0.16 and the newest, `.ci/newest_megatron`):
+`check_megatron_version()` refuses anything outside VERIFIED_RANGE, because every redirect below
+names a place in megatron-core that an upgrade may move.
 
 Redirects, each as narrow as found workable:
 
@@ -43,7 +44,7 @@ import types
 
 import torch
 
-VERIFIED_RANGE = ">=0.16.1,<0.17"
+VERIFIED_RANGE = ">=0.16.1,<0.20"
 
 # megatron-core modules whose global name `torch` is replaced by the proxy (redirect 1).
 MEGATRON_MODULES = (

@@ -22,7 +22,10 @@ import torch
 class GroupStepAdam(torch.optim.Optimizer):
     """Adam(W) with one `group["step"]` per param group and only moments per parameter."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True,
+                 capturable=False):
+        if capturable:  # megatron-core 0.17+ passes its optimizer_cuda_graph setting (off by default)
+            raise ValueError("GroupStepAdam has no CUDA-graph capturable mode")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.adam_w_mode = adam_w_mode
 
