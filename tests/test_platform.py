@@ -71,17 +71,36 @@ def test_accelerator_probe_survives_a_broken_install(monkeypatch):
 
 _EXIT_CHECK = """
 import atexit, os, sys
+import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 from megatron.core import parallel_state
 from megatron_patch.platform import init_distributed
+from megatron_patch.platform.distributed import mark_error_exit
 
 def after_ours():  # atexit runs handlers last-in first-out: this one runs after the platform's
     print(f"after exit: distributed={dist.is_initialized()} model_parallel={parallel_state.model_parallel_is_initialized()}", flush=True)
 
+for name in ("destroy_process_group", "_abort_process_group"):  # which shutdown the exit takes
+    def spy(*args, _name=name, _real=getattr(distributed_c10d, name), **kwargs):
+        if not args and not kwargs:
+            print(f"shutdown by {_name}", flush=True)
+        return _real(*args, **kwargs)
+    setattr(distributed_c10d, name, spy)
+    setattr(dist, name, spy)
+
+def timeout(group):
+    return group._get_backend(torch.device("cpu")).options._timeout
+
 atexit.register(after_ours)
-init_distributed(2, 1, seed=1)
+init_distributed(2, 1, seed=1, timeout_minutes=3)
+print("gloo copies:", parallel_state._DATA_PARALLEL_GROUP_GLOO, parallel_state._DATA_PARALLEL_GROUP_WITH_CP_GLOO)
+print("timeouts:", timeout(dist.group.WORLD), timeout(parallel_state.get_tensor_model_parallel_group()), flush=True)
 if dist.get_rank() == 1:
+    mark_error_exit()  # what the entry point does before its one-line error
     sys.exit(1)  # one rank leaves with an error, its peer finishes normally
+if len(sys.argv) > 1:
+    raise RuntimeError("an uncaught error")  # noticed at exit without mark_error_exit
 """
 
 
@@ -103,6 +122,33 @@ def test_process_groups_are_shut_down_before_the_interpreter_finalises(tmp_path)
     assert [p.returncode for p in procs] == [0, 1], outputs
     for out in outputs:
         assert "after exit: distributed=False model_parallel=False" in out, out
+        assert "gloo copies: None None" in out  # megatron-core made no gloo twins of its DP groups
+        assert "timeouts: 0:03:00 0:03:00" in out  # the world's and megatron's groups
+    # A clean exit destroys the groups; an error exit aborts them: NCCL's graceful destroy waits for
+    # collectives that failed or hung peers will never finish.
+    assert [out.count("shutdown by") for out in outputs] == [1, 1], outputs
+    assert "shutdown by destroy_process_group" in outputs[0] and "shutdown by _abort_process_group" in outputs[1]
+
+
+def test_an_uncaught_exception_aborts_the_process_groups(monkeypatch):
+    """The interpreter sets sys.last_value for an uncaught exception before atexit runs (seen in a
+    subprocess while writing this test); here the shutdown reads it, in-process."""
+    import sys
+
+    from megatron.core import parallel_state
+    from megatron_patch.platform import distributed
+
+    calls = []
+    monkeypatch.setattr(parallel_state, "destroy_model_parallel", lambda: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed.dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
+    monkeypatch.setattr(distributed, "_error_exit", False)
+    monkeypatch.delattr(sys, "last_value", raising=False)
+    distributed._shut_down_at_exit()
+    monkeypatch.setattr(sys, "last_value", RuntimeError("uncaught"), raising=False)
+    distributed._shut_down_at_exit()
+    assert calls == ["destroy", "abort"]
 
 
 def test_api_on_one_rank():
@@ -230,7 +276,7 @@ def _train_tiny_gpt(tp: int, pp: int, steps: int, seed: int = 1234):
     model = DistributedDataParallel(config, ddp_config, model)
     optimizer = get_megatron_optimizer(  # clip_grad below the grad norms seen, so clipping really scales
         OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.5, use_distributed_optimizer=True),
-        [model],
+        [model], use_gloo_process_groups=False,  # init_distributed creates no gloo copies of megatron's groups
     )
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads  # DP grad reduce + tied-embedding sync

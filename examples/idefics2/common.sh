@@ -12,10 +12,18 @@
 #                validation), EVAL_INTERVAL (500), EVAL_ITERS (empty: the whole set), NUM_WORKERS (4)
 #   training     FREEZE (freeze flags), ANSWER_LOSS_ONLY (1: --answer-loss-only),
 #                DIST_FLAGS (--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32)
+#   overlap      OVERLAP (1: --overlap-grad-reduce, and --overlap-param-gather when DIST_FLAGS has
+#                --use-distributed-optimizer); CUDA_DEVICE_MAX_CONNECTIONS (1, exported: sequence
+#                parallel's communication must be queued before the compute that follows it)
 #   logging      LOG_INTERVAL (10), TENSORBOARD_DIR (empty: none; needs `pip install tensorboard`);
 #                metrics always go to SAVE/metrics.jsonl
+#   stopping     EXIT_SIGNAL (empty; e.g. SIGUSR1: --exit-signal-handler, the workers save and exit 0 on
+#                it, torchrun ignores it so it cannot SIGKILL them mid-save: docs/training.md),
+#                SAVE_TOTAL_LIMIT (empty: keep every checkpoint)
 #   DRY_RUN=1    print the command and exit 0 without running it
 # Arguments given to the launcher are appended to the entry point's flags (the last one wins).
+# Gradient-accumulation fusion needs no setting: the entry point turns it on where apex's
+# fused_weight_gradient_mlp_cuda is importable and reports it off otherwise.
 # With AUTO_RESUME=1, a SAVE that already holds a checkpoint is resumed (LOAD=SAVE, no --finetune),
 # so a requeued job continues where it stopped.
 set -euo pipefail
@@ -29,6 +37,9 @@ ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 : "${SAVE_INTERVAL:=500}" "${EVAL_INTERVAL:=500}" "${EVAL_ITERS:=}"
 : "${NUM_WORKERS:=4}" "${LOG_INTERVAL:=10}" "${TENSORBOARD_DIR:=}" "${VALID_DATA_PATH:=}"
 : "${FINETUNE:=0}" "${ANSWER_LOSS_ONLY:=0}" "${FREEZE=}" "${AUTO_RESUME:=1}" "${DRY_RUN:=0}"
+: "${OVERLAP:=1}" "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
+export CUDA_DEVICE_MAX_CONNECTIONS
+: "${EXIT_SIGNAL:=}" "${SAVE_TOTAL_LIMIT:=}"
 : "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
 
 die() { echo "$NAME: error: $*" >&2; exit 1; }
@@ -70,6 +81,10 @@ ARGS=(
   $DIST_FLAGS $FREEZE
 )
 ((TP > 1)) && [[ "$SP" == 1 ]] && ARGS+=(--sequence-parallel)
+if [[ "$OVERLAP" == 1 ]]; then
+  ARGS+=(--overlap-grad-reduce)
+  [[ " $DIST_FLAGS " == *" --use-distributed-optimizer "* ]] && ARGS+=(--overlap-param-gather)
+fi
 [[ "$FINETUNE" == 1 ]] && ARGS+=(--finetune)
 [[ "$ANSWER_LOSS_ONLY" == 1 ]] && ARGS+=(--answer-loss-only)
 [[ -n "$TENSORBOARD_DIR" ]] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
@@ -79,9 +94,19 @@ if [[ -n "$VALID_DATA_PATH" ]]; then
   [[ -n "$EVAL_ITERS" ]] && ARGS+=(--eval-iters "$EVAL_ITERS")
 fi
 
-CMD=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
+[[ -n "$SAVE_TOTAL_LIMIT" ]] && ARGS+=(--save-total-limit "$SAVE_TOTAL_LIMIT")
+TORCHRUN_SIGNALS=()
+if [[ -n "$EXIT_SIGNAL" ]]; then
+  [[ "$EXIT_SIGNAL" =~ ^SIG(TERM|INT|USR1|USR2|HUP)$ ]] || die "EXIT_SIGNAL=$EXIT_SIGNAL must be one of SIGTERM SIGINT SIGUSR1 SIGUSR2 SIGHUP"
+  ARGS+=(--exit-signal-handler --exit-signal "$EXIT_SIGNAL")
+  # torchrun would forward it, SIGKILL the workers --shutdown-timeout (30 s) later and exit non-zero;
+  # instead it ignores it (SIG_IGN survives exec) and the signal reaches the workers from SLURM.
+  TORCHRUN_SIGNALS=(--signals-to-handle "$(tr , '\n' <<< SIGTERM,SIGINT,SIGHUP,SIGQUIT | grep -vx "$EXIT_SIGNAL" | paste -sd,)")
+  trap '' "${EXIT_SIGNAL#SIG}"
+fi
+CMD=(torchrun "${TORCHRUN_SIGNALS[@]}" --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$ENTRY" "${ARGS[@]}" "$@")
-echo "$NAME: node $NODE_RANK of $NNODES, $WORLD GPUs = TP $TP x PP $PP x DP $DP; command:"
+echo "$NAME: node $NODE_RANK of $NNODES, $WORLD GPUs = TP $TP x PP $PP x DP $DP; CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS; command:"
 printf '%q ' "${CMD[@]}"
 echo
 [[ "$DRY_RUN" == 1 ]] && exit 0

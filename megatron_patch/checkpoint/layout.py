@@ -14,6 +14,7 @@
 This is the tracker/iteration layout Megatron-LM users know. Folders are built under a hidden
 staging sibling (`.iter_0000010.partial`) and renamed into place once complete and verified, so a
 crash never leaves a half-written iteration behind a tracker that names it.
+Retention (`prune_iterations`) renames a folder to `.iter_0000010.deleting` before removing it.
 """
 from __future__ import annotations
 
@@ -182,3 +183,27 @@ def commit(staging, final, replace: bool = False) -> None:
     else:
         os.rename(staging, final)
     fsync_dir(final.parent)
+
+
+def _deleting_path(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.deleting")
+
+
+def prune_iterations(ckpt_dir, keep: int) -> list:
+    """Delete all but the `keep` newest iteration folders; never the tracker's, nor release. Each
+    goes by a rename to a hidden `.iter_XXXXXXX.deleting` name first, so a kill in the middle of its
+    removal leaves no folder that looks complete; leftovers of such a kill are removed here too.
+    Call it only once the new checkpoint is committed and the tracker names it. Returns the deleted
+    iterations."""
+    root = Path(ckpt_dir)
+    for leftover in root.glob(".iter_*.deleting"):
+        shutil.rmtree(leftover)
+    numbers = [i for i in list_iterations(root) if i != RELEASE]
+    protected = set(numbers[-keep:]) | {read_tracker(root)}
+    deleted = [i for i in numbers if i not in protected]
+    for iteration in deleted:
+        folder = root / iteration_dir_name(iteration)
+        os.rename(folder, _deleting_path(folder))
+        fsync_dir(root)  # the rename is durable before the files go
+        shutil.rmtree(_deleting_path(folder))
+    return deleted

@@ -8,7 +8,8 @@ All ranks call it together (it synchronises through torch.distributed when initi
 data-parallel rank 0 write `mp_rank_TT_PPP/` into the hidden staging folder; global rank 0 then
 writes `checkpoint_info.json` and `hf_config/`, verifies every rank folder against the weight
 mapping, renames the staging folder into place (replacing an older save of the same iteration) and
-only then points the tracker at it. A shared filesystem is assumed, as in Megatron-LM.
+only then points the tracker at it; with `keep_last`, older iteration folders go after that. A
+shared filesystem is assumed, as in Megatron-LM.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from megatron_patch.checkpoint.layout import (
     fsync_tree,
     iteration_dir_name,
     parse_iteration,
+    prune_iterations,
     rank_dir_name,
     staging_path,
     write_tracker,
@@ -73,13 +75,15 @@ def save_model_weights(
     *,
     config_source: Optional[Path] = None,
     before_commit: Optional[Callable[[Path], None]] = None,
+    keep_last: Optional[int] = None,
 ) -> Path:
     """Save this rank's model part as part of `ckpt_dir/iter_XXXXXXX`; returns the final folder.
 
     `config_source`: a folder whose tokenizer/processor files are carried into `hf_config/` (the
     loaded checkpoint's `hf_config/` or the HF folder training started from). `before_commit(staging)`
     runs on every rank after the model files are written and before the folder is published: the
-    place to add optimizer/RNG state (`*.pt`, read back with `load_pt`).
+    place to add optimizer/RNG state (`*.pt`, read back with `load_pt`). `keep_last`: once the
+    tracker names the new folder, older iteration folders beyond that many are deleted (layout.py).
     """
     iteration = parse_iteration(iteration)
     root = Path(ckpt_dir)
@@ -131,5 +135,10 @@ def save_model_weights(
             write_tracker(root, iteration)
         except Exception as err:
             error = f"saving {final} failed: {type(err).__name__}: {err}"
+        if error is None and keep_last is not None:
+            try:
+                prune_iterations(root, keep_last)
+            except Exception as err:
+                error = f"{final} is saved, but deleting older checkpoints failed: {type(err).__name__}: {err}"
     _agree(error)
     return final

@@ -1,4 +1,5 @@
-"""Optional accelerators (transformer-engine, flash-attn, apex): detected once, reported once.
+"""Optional accelerators (transformer-engine, flash-attn, apex and its fused weight-gradient
+extension `fused_weight_gradient_mlp_cuda`): detected once, reported once.
 
 Every code path has a torch fallback, so a missing or broken accelerator only costs speed.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-OPTIONAL = ("transformer_engine", "flash_attn", "apex")
+OPTIONAL = ("transformer_engine", "flash_attn", "apex", "fused_weight_gradient_mlp_cuda")
 
 
 def _importable(name: str) -> bool:

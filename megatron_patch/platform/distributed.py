@@ -2,14 +2,19 @@
 
 CUDA present: NCCL on `cuda:LOCAL_RANK`, nothing redirected. CUDA absent: gloo on CPU with the
 compatibility layer of `cpu_compat` applied once. The process group lives for the whole process
-and is shut down at exit; the model-parallel layout on top of it can be torn down and rebuilt
-(`init_distributed` again).
+and is shut down at exit (aborted, not waited for, on an error exit); the model-parallel layout on
+top of it can be torn down and rebuilt (`init_distributed` again).
+
+megatron-core's gloo copies of the data-parallel groups are not created (`gloo_groups=False`): only
+its dp-zero optimizer checkpoint format uses them, and our checkpoints write per-rank parts without
+a collective; the optimizer is built with `use_gloo_process_groups=False` to match.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -19,6 +24,8 @@ from .accelerators import describe
 from .seeding import set_seed
 
 _platform_ready = False
+_error_exit = False
+DEFAULT_TIMEOUT_MINUTES = 10  # Megatron-LM's --distributed-timeout-minutes default
 
 
 def get_device() -> torch.device:
@@ -77,17 +84,35 @@ def _init_process_group(timeout_minutes: int) -> None:
     atexit.register(_shut_down_at_exit)
 
 
+def mark_error_exit() -> None:
+    """This process is leaving with an error: at exit, abort the process groups instead of
+    destroying them (an uncaught exception is noticed without this call)."""
+    global _error_exit
+    _error_exit = True
+
+
+def _leaving_with_error() -> bool:
+    # sys.last_value: set by the interpreter after it printed an uncaught exception, before atexit.
+    return _error_exit or getattr(sys, "last_value", None) is not None
+
+
 def _shut_down_at_exit() -> None:
     """Close every group and the store while the interpreter is alive, on every way out (success,
     one-line error, exception). Left to the interpreter's finalisation, gloo's worker threads and
     the TCP store's server thread are torn down after Python is gone and the process can abort
     (SIGABRT, "terminate called without an active exception") after it already reported its result.
-    Local, no barrier: the other ranks may be anywhere when one rank leaves with an error.
+    Local, no barrier: the other ranks may be anywhere when one rank leaves with an error. On an
+    error exit the groups are aborted: NCCL's graceful destroy waits for outstanding collectives,
+    which peers that failed or hang will never complete.
     """
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()  # drop megatron's references to the groups
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if _leaving_with_error():
+        dist.distributed_c10d._abort_process_group()  # every group, without waiting for peers
+    else:
         dist.destroy_process_group()  # all groups, the default one last
 
 
@@ -97,9 +122,14 @@ def init_distributed(
     *,
     seed: int = 1234,
     num_layers_in_first_pipeline_stage: int | None = None,  # lives in the model config; accepted for callers
-    timeout_minutes: int = 10,
+    timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES,
+    gloo_groups: bool = False,
 ) -> None:
-    """Start torch.distributed if needed, (re)build megatron's TP x PP x DP layout, seed everything."""
+    """Start torch.distributed if needed, (re)build megatron's TP x PP x DP layout, seed everything.
+
+    `timeout_minutes` (--distributed-timeout-minutes) bounds every collective and the rendezvous;
+    it applies to the world group when this call creates it. `gloo_groups`: megatron-core's gloo
+    copies of its data-parallel groups (only its dp-zero optimizer checkpoints need them)."""
     from megatron.core import parallel_state
 
     setup_platform()
@@ -116,6 +146,7 @@ def init_distributed(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=gloo_groups,
     )
     set_seed(seed)
 

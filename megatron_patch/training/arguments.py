@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     for fusion in ("swiglu", "gelu", "dropout"):  # one switch here: any of them turns all bias fusions off
         g.add_argument(f"--no-bias-{fusion}-fusion", dest="no_bias_fusions", action="store_true",
                        help="turn megatron-core's bias+activation and bias+dropout+add fusions off (on with CUDA)")
+    # Communication overlap, fusions and timeouts (Megatron-LM's flags).
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather updated parameters during the next forward (needs --use-distributed-optimizer "
+                        "and --overlap-grad-reduce)")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
+                   default=None, help="off; default: on when apex's fused_weight_gradient_mlp_cuda is importable")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="how long a collective (or the start-up rendezvous) may wait for its peers")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, required=True)
@@ -96,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iteration", default=None, help="iteration number or 'release' to load (default: the tracker's)")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-total-limit", type=int, default=None, metavar="N",
+                   help="keep the N newest iteration folders (never the tracker's, nor release)")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true")
@@ -103,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load weights only: iteration 0, no optimizer / RNG / data position")
     g.add_argument("--model-config", default=None, metavar="CONFIG.json",
                    help="HF Idefics2 config.json to start from random weights; its folder holds the tokenizer")
+
+    g = p.add_argument_group("stopping early (saves, then exits 0)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal, finish the iteration, save it and exit")
+    g.add_argument("--exit-signal", choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"], default="SIGTERM")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop after the iteration that passes this many minutes since start-up")
+    g.add_argument("--exit-interval", type=int, default=None, help="stop after an iteration divisible by this")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=int, default=None)
@@ -167,6 +185,7 @@ def parallel_options(args):
         use_transformer_engine=args.transformer_impl == "transformer_engine",
         use_cpu_initialization=args.use_cpu_initialization,
         bias_fusions=False if args.no_bias_fusions else None,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
     )
 
 
@@ -210,7 +229,8 @@ _AT_LEAST = [
     ("global_batch_size", 1), ("seq_length", 2), ("train_iters", 1), ("lr_warmup_iters", 0),
     ("lr_decay_iters", 1), ("save_interval", 1), ("eval_interval", 1), ("eval_iters", 1), ("log_interval", 1),
     ("max_skipped_iterations", 1), ("recompute_num_layers", 1), ("num_workers", 0), ("pack_buffer_size", 1),
-    ("image_size", 1), ("shortest_edge", 1), ("image_seq_len", 1),
+    ("image_size", 1), ("shortest_edge", 1), ("image_seq_len", 1), ("save_total_limit", 1), ("exit_interval", 1),
+    ("distributed_timeout_minutes", 1),
 ]
 # (dest, low, high, high is excluded) for float flags, checked when set.
 _RANGES = [
@@ -236,7 +256,7 @@ def _check_ranges(args, world_size: int) -> None:
             bound = "" if high is None else f", {high})" if open_high else f", {high}]"
             wanted = f"in [{low}{bound}" if high is not None else f">= {low}"
             raise ArgumentError(f"{_flag(dest)} must be {wanted}, got {value}")
-    for dest in ("adam_eps", "peak_tflops"):
+    for dest in ("adam_eps", "peak_tflops", "exit_duration_in_mins"):
         value = getattr(args, dest)
         if value is not None and value <= 0:
             raise ArgumentError(f"{_flag(dest)} must be > 0, got {value}")
@@ -282,6 +302,11 @@ def _check_dependencies(args) -> None:
     """Flags that need another flag (or exclude one)."""
     needs = [
         (args.save_interval is not None and not args.save, "--save-interval needs --save (where to save)"),
+        (args.save_total_limit is not None and not args.save, "--save-total-limit needs --save (what to prune)"),
+        (args.overlap_param_gather and not args.use_distributed_optimizer,
+         "--overlap-param-gather needs --use-distributed-optimizer (it gathers the optimizer's parameter shards)"),
+        (args.overlap_param_gather and not args.overlap_grad_reduce,
+         "--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)"),
         (args.eval_interval is not None and not args.valid_data_path,
          "--eval-interval needs --valid-data-path (what to evaluate on)"),
         (args.skip_train and not args.load, "--skip-train needs --load (a trained checkpoint to evaluate)"),

@@ -5,6 +5,7 @@ model part -> freeze -> load weights -> DDP -> optimizer (fp32 main weights copi
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,8 +19,10 @@ from megatron.core.num_microbatches_calculator import (
 from megatron_patch.data.collate import Collator
 from megatron_patch.data.encoder import encoder_from_args
 from megatron_patch.data.loader import build_train_valid_loaders
+from megatron_patch.models.idefics2.config import describe_fusions
 from megatron_patch.models.idefics2.model import build_model
 from megatron_patch.platform import init_distributed
+from megatron_patch.platform.compile_preflight import fusion_preflight
 from megatron_patch.platform.distributed import get_device
 from megatron_patch.training.batch_transport import loads_data
 from megatron_patch.training.arguments import ArgumentError, frozen_components, parallel_options
@@ -43,6 +46,7 @@ class TrainingContext:
     valid_loader: Any = None
     state: TrainState = field(default_factory=TrainState)
     resumed_from: Optional[tuple] = None
+    start_time: float = field(default_factory=time.time)  # --exit-duration-in-mins counts from here
 
     def report(self, message: str) -> None:
         progress(message)
@@ -83,9 +87,11 @@ def build_training(args) -> TrainingContext:
         except ImportError as err:
             raise ArgumentError(f"--tensorboard-dir needs the tensorboard package ({err}); "
                                 f"pip install tensorboard, or drop the flag") from None
-    opts = parallel_options(args)
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed,
+                     timeout_minutes=args.distributed_timeout_minutes)
+    opts = fusion_preflight(parallel_options(args), get_device())  # unfused when torch.compile fails here
     ctx = TrainingContext(args=args, opts=opts, hf_config=args.hf_config, device=get_device())
+    ctx.report(describe_fusions(opts))
     destroy_num_microbatches_calculator()
     init_num_microbatches_calculator(dist.get_rank(), None, args.global_batch_size, args.micro_batch_size,
                                      parallel_state.get_data_parallel_world_size())

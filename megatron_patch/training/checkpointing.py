@@ -38,6 +38,7 @@ from megatron_patch.checkpoint import (
     save_model_weights,
 )
 from megatron_patch.checkpoint.layout import write_durable
+from megatron_patch.training.optimizer import finish_param_gather
 from megatron_patch.training.optimizer_state import (
     load_optimizer_state,
     optimizer_step_count,
@@ -115,6 +116,7 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
     """Save everything a resume needs at `state.iteration` (collective: every rank calls it)."""
     args = ctx.args
     keys = state_keys(args.optimizer, args.sgd_momentum)
+    finish_param_gather(ctx.model)  # --overlap-param-gather: this rank holds only its shard's updates
 
     def extras(staging: Path) -> None:
         # Agreed over ranks: rank 0 writes it, and its own optimizer may hold nothing (all frozen).
@@ -137,7 +139,8 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
             write_durable(staging / TRAIN_STATE_FILE, json.dumps(record, indent=2) + "\n")
 
     return save_model_weights(ctx.model, args.save, state.iteration, ctx.hf_config, ctx.opts,
-                              config_source=Path(args.tokenizer_dir), before_commit=extras)
+                              config_source=Path(args.tokenizer_dir), before_commit=extras,
+                              keep_last=args.save_total_limit)
 
 
 def _check_schedule(saved: dict, scheduler) -> None:

@@ -29,7 +29,8 @@ from megatron_patch.training.checkpointing import save_checkpoint
 from megatron_patch.training.errors import TrainingStopped
 from megatron_patch.training.flops import BatchShapes, device_name, mfu, peak_tflops, training_flops
 from megatron_patch.training.metrics import MetricsWriter, format_validation_line
-from megatron_patch.training.optimizer import optimizer_step
+from megatron_patch.training.optimizer import optimizer_step, params_gathered
+from megatron_patch.training.stopping import StopConditions
 
 
 def forward_step(data_iterator, model):
@@ -116,6 +117,11 @@ def train_step(ctx, micro: MicroBatches) -> StepResult:
 def evaluate(ctx) -> dict:
     """Per-token loss over the whole validation set (or --eval-iters iterations of the global
     batch), with the training loss definition; every rank runs the same number of micro-batches."""
+    with params_gathered(ctx.model):  # --overlap-param-gather: no pre-hooks while ranks' modules differ
+        return _evaluate(ctx)
+
+
+def _evaluate(ctx) -> dict:
     ctx.model.eval()
     loader, data = ctx.valid_loader, None
     if loader is not None:  # the loading ranks
@@ -208,48 +214,61 @@ def run_evaluation(ctx, writer, iteration: int) -> dict:
 
 
 def pretrain(ctx) -> dict:
-    """Train from ctx.state to --train-iters (or evaluate only with --skip-train); returns the last
-    training record (or the evaluation result) on every rank that has it."""
+    """Train from ctx.state to --train-iters, or until a stop (stopping.py: signal, duration, interval;
+    that iteration is saved, no final evaluation), or evaluate only with --skip-train; returns the
+    last training record (or the evaluation result) on every rank that has it."""
     args = ctx.args
     with _metrics_writer(ctx) as writer:
         if args.skip_train:
             return run_evaluation(ctx, writer, ctx.state.iteration)
-        state, meter = ctx.state, IntervalMeter(ctx)
-        data = iter(ctx.train_loader) if ctx.train_loader is not None else None
-        consecutive_bad, record, saved_at, evaluated_at = 0, {}, None, None
+        state = ctx.state
         ctx.model.train()
         ctx.report(f"training from iteration {state.iteration} to {args.train_iters} "
                    f"({get_num_microbatches()} micro-batches of {args.micro_batch_size} per DP rank per iteration)")
-        while state.iteration < args.train_iters:
-            micro = next_batches(ctx, data)
-            step = train_step(ctx, micro)
-            state.iteration += 1
-            state.consumed_samples += args.global_batch_size
-            meter.add(step, micro)
-            if not step.updated:
-                state.skipped_iterations += 1
-                state.nan_iterations += 1
-                consecutive_bad += 1
-            else:
-                consecutive_bad = 0
-            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-                record = meter.record(state.iteration, step, state, _bad_samples(ctx))
-                writer.write(record)
-            if consecutive_bad >= args.max_skipped_iterations:
-                raise TrainingStopped(
-                    f"{consecutive_bad} consecutive iterations had NaN/Inf loss or gradients (--max-skipped-iterations "
-                    f"{args.max_skipped_iterations}); stopped at iteration {state.iteration}, the last checkpoint is intact")
-            if args.eval_interval and args.valid_data_path and state.iteration % args.eval_interval == 0:
-                run_evaluation(ctx, writer, state.iteration)
-                evaluated_at = state.iteration
-            if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+        # The handler stays until the last save is done, and is in place before loader workers fork.
+        with StopConditions(args, ctx.device, ctx.start_time) as stops:
+            record, saved_at, evaluated_at, stopped = _train_iterations(ctx, writer, stops)
+            if args.save and saved_at != state.iteration:
                 _save(ctx, state)
-                saved_at = state.iteration
-        if args.save and saved_at != state.iteration:
-            _save(ctx, state)
-        if args.valid_data_path and args.eval_interval and evaluated_at != state.iteration:
+        if stopped:
+            ctx.report(f"stopped after iteration {state.iteration} of {args.train_iters}: {stopped}")
+        elif args.valid_data_path and args.eval_interval and evaluated_at != state.iteration:
             run_evaluation(ctx, writer, state.iteration)
         return record
+
+
+def _train_iterations(ctx, writer, stops) -> tuple:
+    """Iterate until --train-iters or a stop: (last record, last save, last evaluation, stop reason)."""
+    args, state, meter = ctx.args, ctx.state, IntervalMeter(ctx)
+    data = iter(ctx.train_loader) if ctx.train_loader is not None else None
+    consecutive_bad, record, saved_at, evaluated_at, stopped = 0, {}, None, None, None
+    while state.iteration < args.train_iters and not stopped:
+        micro = next_batches(ctx, data)
+        step = train_step(ctx, micro)
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        meter.add(step, micro)
+        if not step.updated:
+            state.skipped_iterations += 1
+            state.nan_iterations += 1
+            consecutive_bad += 1
+        else:
+            consecutive_bad = 0
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            record = meter.record(state.iteration, step, state, _bad_samples(ctx))
+            writer.write(record)
+        if consecutive_bad >= args.max_skipped_iterations:
+            raise TrainingStopped(
+                f"{consecutive_bad} consecutive iterations had NaN/Inf loss or gradients (--max-skipped-iterations "
+                f"{args.max_skipped_iterations}); stopped at iteration {state.iteration}, the last checkpoint is intact")
+        if args.eval_interval and args.valid_data_path and state.iteration % args.eval_interval == 0:
+            run_evaluation(ctx, writer, state.iteration)
+            evaluated_at = state.iteration
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            _save(ctx, state)
+            saved_at = state.iteration
+        stopped = stops.check(state.iteration)
+    return record, saved_at, evaluated_at, stopped
 
 
 def _save(ctx, state) -> None:

@@ -4,10 +4,19 @@
     optimizer = build_optimizer(model, args)      # fp32 main weights copied from the loaded model
     scheduler = build_scheduler(optimizer, args)
     outcome = optimizer_step(optimizer, loss_is_finite, device)
+    finish_param_gather(model)                    # before reading the weights outside a forward
+
+--overlap-param-gather (distributed optimizer): the optimizer step leaves each DP rank with only
+its own shard of the updated parameters; megatron-core's DDP all-gathers the rest bucket by bucket
+in forward pre-hooks of the next forward (the first hook dispatches it, each finished bucket
+dispatches the next). Nothing else in megatron-core 0.16.1 dispatches it for a non-interleaved
+schedule, so whoever reads the weights outside a forward (a checkpoint save) calls
+`finish_param_gather` first, and evaluation runs inside `params_gathered` (hooks off).
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +36,7 @@ def wrap_ddp(model, args) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # NaN/Inf steps are skipped and counted (optimizer_step)
     )
@@ -35,6 +45,29 @@ def wrap_ddp(model, args) -> DistributedDataParallel:
     config.grad_sync_func = ddp.start_grad_sync if args.overlap_grad_reduce else None
     config.finalize_model_grads_func = finalize_grads
     return ddp
+
+
+def finish_param_gather(model) -> None:
+    """With --overlap-param-gather: complete the all-gather of the updated parameters now (a no-op
+    without the flag; a repeated gather is harmless), so the model's weights are the optimizer's."""
+    if model.ddp_config.overlap_param_gather:
+        model.start_param_sync(force_sync=True)
+
+
+@contextmanager
+def params_gathered(model):
+    """With --overlap-param-gather, for the duration: parameters gathered and the forward pre-hooks
+    off (Megatron-LM does the same around evaluation). Without grad, a text-only micro-batch skips the
+    vision tower, so DP ranks would call different modules and their hooks would issue the bucket
+    all-gathers in different orders: a hang or garbage under NCCL, a crash under gloo."""
+    if not model.ddp_config.overlap_param_gather:
+        yield
+        return
+    model.disable_forward_pre_hook()  # also completes the all-gather
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()
 
 
 def finalize_grads(model_chunks, num_tokens=None, **kwargs) -> None:
@@ -60,8 +93,10 @@ def build_optimizer(model, args):
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, [model])
+    # No gloo groups (platform.distributed): only megatron's dp-zero checkpoint format needs them.
+    return get_megatron_optimizer(config, [model], use_gloo_process_groups=False)
 
 
 def build_scheduler(optimizer, args) -> OptimizerParamScheduler:

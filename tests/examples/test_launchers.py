@@ -20,7 +20,7 @@ FINETUNE = ["finetune_idefics2.sh", "finetune_idefics2_llama3.sh"]
 SETTINGS = """NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP PP SP MBS GBS SEQ_LEN TRAIN_ITERS LR MIN_LR
     WARMUP_ITERS LR_DECAY_STYLE LR_DECAY_ITERS LOAD SAVE SAVE_INTERVAL FINETUNE AUTO_RESUME DATA_PATH VALID_DATA_PATH
     EVAL_INTERVAL EVAL_ITERS NUM_WORKERS FREEZE ANSWER_LOSS_ONLY DIST_FLAGS LOG_INTERVAL TENSORBOARD_DIR SCRIPT
-    REPO""".split()
+    REPO OVERLAP CUDA_DEVICE_MAX_CONNECTIONS EXIT_SIGNAL SAVE_TOTAL_LIMIT""".split()
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def paths(tmp_path):
 
 def run(script, paths, *args, path_prefix=None, **env):
     full = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("SLURM_")}
-    full.update(DRY_RUN="1", **paths, **{k: str(v) for k, v in env.items()})
+    full.update({"DRY_RUN": "1", **paths, **{k: str(v) for k, v in env.items()}})
     if path_prefix:
         full["PATH"] = f"{path_prefix}:{full['PATH']}"
     target = EXAMPLES / script
@@ -53,7 +53,7 @@ def commands(result) -> list[tuple[dict, list]]:
         words = shlex.split(line)
         at = words.index(str(ENTRY))
         launcher = words[1:at]
-        assert len(launcher) == 10, launcher
+        assert len(launcher) in (10, 12), launcher  # 12: --signals-to-handle (EXIT_SIGNAL)
         found.append((dict(zip(launcher[::2], launcher[1::2])), words[at + 1:]))
     assert found, result.stdout
     return found
@@ -76,6 +76,7 @@ def test_dry_run_prints_a_torchrun_command_the_entry_point_parses(script, paths)
     assert (args.load, args.save, args.data_path) == (paths["LOAD"], paths["SAVE"], [paths["DATA_PATH"]])
     assert args.bf16 and args.use_distributed_optimizer and args.accumulate_allreduce_grads_in_fp32
     assert args.sequence_parallel and args.save_interval
+    assert args.overlap_grad_reduce and args.overlap_param_gather  # with the distributed optimizer
     assert args.valid_data_path is None and args.eval_interval is None  # no validation set given
     assert args.tensorboard_dir is None  # opt-in: tensorboard is not a dependency
     if script in PRETRAIN:
@@ -104,6 +105,23 @@ def test_validation_set_extra_flags_and_overrides(paths, tmp_path):
     assert (args.eval_iters, args.seed, args.tensorboard_dir) == (3, 7, str(tmp_path / "tb"))
     assert args.freeze_clip_vision_tower and not args.freeze_llm and not args.answer_loss_only
     assert not args.sequence_parallel and not args.bf16 and not args.use_distributed_optimizer
+    assert args.overlap_grad_reduce and not args.overlap_param_gather  # no distributed optimizer: no gather
+
+
+def test_overlap_can_be_turned_off(paths):
+    _, args = dry("pretrain_idefics2.sh", paths, OVERLAP=0)
+    assert args.use_distributed_optimizer and not (args.overlap_grad_reduce or args.overlap_param_gather)
+
+
+def test_torchrun_runs_with_one_cuda_connection(paths, tmp_path):
+    """Not a dry run: a stand-in torchrun reports the environment the launcher gave it."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    _stub(stubs, "torchrun", 'echo "torchrun saw CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset}"\n')
+    for env, want in (({}, "1"), ({"CUDA_DEVICE_MAX_CONNECTIONS": 4}, "4")):  # a caller's own value is kept
+        result = run("pretrain_idefics2.sh", paths, path_prefix=stubs, DRY_RUN=0, **env)
+        assert result.returncode == 0, result.stderr
+        assert f"torchrun saw CUDA_DEVICE_MAX_CONNECTIONS={want}" in result.stdout, result.stdout
 
 
 def test_dataset_urls_pass_through_and_pipe_is_refused(paths):
@@ -161,7 +179,8 @@ def test_sbatch_runs_one_launcher_per_node(paths, tmp_path):
     _stub(stubs, "srun", f'while [[ "$1" == -* ]]; do echo "$1" >> {tmp_path}/srun.txt; shift; done\n'
                          'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit; done\n')
     result = run("slurm/idefics2.sbatch", paths, "--seed", "3", path_prefix=stubs, SCRIPT="finetune_idefics2.sh",
-                 SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES=2, SLURM_GPUS_ON_NODE=4, SLURM_SUBMIT_DIR=REPO)
+                 SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES=2, SLURM_GPUS_ON_NODE=4, SLURM_CPUS_PER_TASK=48,
+                 SLURM_SUBMIT_DIR=REPO)
     found = commands(result)
     assert [launcher["--node-rank"] for launcher, _ in found] == ["0", "1"]
     for launcher, flags in found:
@@ -169,7 +188,15 @@ def test_sbatch_runs_one_launcher_per_node(paths, tmp_path):
             {"--nnodes": "2", "--nproc-per-node": "4", "--master-addr": "gpu07"}
         args = build_parser().parse_args(flags)
         assert args.answer_loss_only and args.finetune and args.seed == 3
-    assert "--ntasks-per-node=1" in (tmp_path / "srun.txt").read_text()
+        # preemption: the workers save on SIGUSR1, torchrun leaves it to them (docs/training.md)
+        assert args.exit_signal_handler and args.exit_signal == "SIGUSR1"
+        assert launcher["--signals-to-handle"] == "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+    srun_options = (tmp_path / "srun.txt").read_text().split()
+    assert "--ntasks-per-node=1" in srun_options and "--cpus-per-task=48" in srun_options
+    (tmp_path / "srun.txt").unlink()
+    commands(run("slurm/idefics2.sbatch", paths, path_prefix=stubs, SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES=2,
+                 SLURM_SUBMIT_DIR=REPO))  # no --cpus-per-task in the allocation: srun is given none
+    assert not any(o.startswith("--cpus-per-task") for o in (tmp_path / "srun.txt").read_text().split())
     bad = run("slurm/idefics2.sbatch", paths, path_prefix=stubs, SCRIPT="nope.sh", SLURM_JOB_NODELIST="x",
               SLURM_NNODES=1, SLURM_SUBMIT_DIR=REPO)
     assert bad.returncode != 0 and "no launcher" in bad.stderr

@@ -69,6 +69,12 @@ class ParallelOptions:
     """megatron-core's torch.compile'd bias+activation (SwiGLU, tanh-GELU) and bias+dropout+add fusions
     (`bias_activation_fusion`, `bias_dropout_fusion`); they need no extra package and keep the numbers.
     None: on when CUDA is present (on CPU torch.compile would need a C++ compiler and gains little)."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """megatron-core's `gradient_accumulation_fusion`: weight gradients accumulated straight into DDP's
+    fp32 `main_grad` by apex's `fused_weight_gradient_mlp_cuda` kernels (TE layers fuse it themselves,
+    but the output layer and the perceiver are megatron-core's local linear layers, which need apex's
+    extension in any case). None: on when CUDA is present and that extension is importable, else off;
+    --no-gradient-accumulation-fusion: off."""
 
     def uses_transformer_engine(self) -> bool:
         return bool(self.use_transformer_engine)
@@ -277,6 +283,29 @@ def rope_settings(text_config) -> RopeSettings:
     return RopeSettings(theta, scaling=True, scaling_factor=float(factor))
 
 
+def bias_fusions_on(opts: ParallelOptions) -> bool:
+    """Whether megatron-core's torch.compile'd bias fusions are used (`ParallelOptions.bias_fusions`)."""
+    return torch.cuda.is_available() if opts.bias_fusions is None else opts.bias_fusions
+
+
+def grad_accumulation_fusion_on(opts: ParallelOptions) -> bool:
+    """`ParallelOptions.gradient_accumulation_fusion` resolved: never without apex's extension (megatron-core's
+    local linear layers raise at build time without it), which needs CUDA."""
+    from megatron_patch.platform.accelerators import accelerators
+
+    available = torch.cuda.is_available() and accelerators()["fused_weight_gradient_mlp_cuda"]
+    return available and opts.gradient_accumulation_fusion is not False
+
+
+def describe_fusions(opts: ParallelOptions) -> str:
+    """One line for the start-up report: which fusions the run uses, and why gradient-accumulation
+    fusion is off when it is."""
+    grad = "on" if grad_accumulation_fusion_on(opts) else (
+        "off (--no-gradient-accumulation-fusion)" if opts.gradient_accumulation_fusion is False
+        else "off (needs CUDA and apex's fused_weight_gradient_mlp_cuda)")
+    return f"fusions: bias {'on' if bias_fusions_on(opts) else 'off'}, gradient accumulation {grad}"
+
+
 def _cpu_initialization(opts: ParallelOptions) -> bool:
     cuda = torch.cuda.is_available()
     if opts.use_cpu_initialization is None:
@@ -296,11 +325,11 @@ def _base_kwargs(opts: ParallelOptions, init_weights: bool) -> dict:
     eagerly on CPU against the unfused path (formulas and hand-written backwards); their compiled form
     on CUDA (Triton, fp32 or bf16) has not been run. The others stay off: `masked_softmax_fusion` and
     `persist_layer_norm` need apex / TE kernels (and our attention is SDPA, our norms torch's),
-    `apply_rope_fusion` needs TE's fused RoPE, `gradient_accumulation_fusion` needs apex/TE's
-    fused wgrad kernels.
+    `apply_rope_fusion` needs TE's fused RoPE. `gradient_accumulation_fusion`: see
+    `ParallelOptions.gradient_accumulation_fusion` (`grad_accumulation_fusion_on`).
     """
     bf16 = opts.params_dtype == torch.bfloat16
-    fusions = torch.cuda.is_available() if opts.bias_fusions is None else opts.bias_fusions
+    fusions = bias_fusions_on(opts)
     return dict(
         tensor_model_parallel_size=opts.tensor_model_parallel_size,
         params_dtype=opts.params_dtype,
@@ -309,7 +338,7 @@ def _base_kwargs(opts: ParallelOptions, init_weights: bool) -> dict:
         use_cpu_initialization=_cpu_initialization(opts),
         # Off: parameters stay torch.empty until the caller's weight load fills every one of them.
         perform_initialization=init_weights,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=grad_accumulation_fusion_on(opts),
         bias_activation_fusion=fusions,
         bias_dropout_fusion=fusions,
         masked_softmax_fusion=False,
