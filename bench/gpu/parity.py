@@ -123,6 +123,36 @@ def loss_and_grads_case(text: str, tied: bool, dtype: str) -> dict:
             "grad_tensors": len(errors), "worst_grad": worst, "worst_grad_error": errors[worst]}
 
 
+def fused_kernels_case() -> dict:
+    """The LLM's core attention calls (causal, sliding window, packed rows; GQA; bf16, forward and
+    backward) under `sdpa_kernel([FLASH, EFFICIENT, CUDNN])`: SDPA raises where a call would need the
+    math kernel (its fp32 [b, h, sq, sk] scores), so each call must find a fused one. CUDA only."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_patch.models.idefics2.sdpa_attention import SDPAttention, row_segments
+
+    seq, heads, groups, dim = 1024, 8, 2, 64
+    calls = {"causal": ({}, None), "window 256": ({"window_size": (255, 0)}, None),
+             "packed rows": ({}, torch.tensor([0, 700, 730, 1024], dtype=torch.int32, device="cuda"))}
+    failures = {}
+    for name, (extra, cu) in calls.items():
+        config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
+                                   num_query_groups=groups, kv_channels=dim, attention_dropout=0.0, **extra)
+        module = SDPAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        q = torch.randn(seq, 1, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(seq, 1, groups, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+        packed = row_segments(cu, 1, seq) if cu is not None else None
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+                module(q, k, v, None, packed_seq_params=packed).float().sum().backward()
+        except RuntimeError as err:
+            failures[name] = str(err).splitlines()[0]
+    return {"check": "core attention on fused SDPA kernels", "dtype": "bf16", "calls": sorted(calls),
+            "math_fallback": failures, "ok": not failures}
+
+
 def run(dtype: str) -> list[dict]:
     from megatron_patch.models.idefics2.parity import use_true_fp32
     from tests.idefics2_cases import llama3_rope
@@ -167,6 +197,10 @@ def main() -> int:
             print(json.dumps(check), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if device.type == "cuda" and "bf16" in args.dtypes:
+        result["checks"].append(fused_kernels_case())
+        print(json.dumps(result["checks"][-1]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     failed = [c["check"] + " " + c["dtype"] for c in result["checks"] if not c["ok"]]
     print(f"{len(result['checks']) - len(failed)}/{len(result['checks'])} checks within tolerance"
           + (f"; beyond: {', '.join(failed)}" if failed else ""))

@@ -6,14 +6,20 @@
 #
 # 1. Where pip reaches a package index (from the repo root):
 #        bash bench/gpu/run_checks.sh --fetch       # wheels for Python 3.12 -> .whl/ (git-ignored)
-# 2. On the GPU machine (from the repo root; .whl/ copied along):
-#        bash bench/gpu/run_checks.sh OUTDIR        # log.txt and JSON results in OUTDIR
+# 2. On the GPU machine (from the repo root; .whl/ copied along), one call per megatron-core
+#    version so each fits a 10-minute call (the Inductor cache in /tmp is kept between calls):
+#        bash bench/gpu/run_checks.sh OUTDIR 0.16.1  # log.txt and JSON results in OUTDIR
+#        bash bench/gpu/run_checks.sh OUTDIR 0.19.2
+#        bash bench/gpu/run_checks.sh OUTDIR         # every version in one call
+#    Prerequisites (nvidia-smi, torch with CUDA, transformers, safetensors, the wheels) are checked
+#    first; a missing one is one line and exit 2, before any minute is spent.
 #
 # Each megatron-core version is installed into its own folder and put first on PYTHONPATH; the
 # machine's own torch, transformers and safetensors are used. A failing step is logged and the
 # next one runs; the exit status is the number of failed steps.
 set -u -o pipefail
 MCORE_VERSIONS=(0.16.1 0.19.2)  # the verified one, then the newest released
+FULL_CHECKS=${MCORE_VERSIONS[0]}  # the one that also runs check_hf_parity and the full benchmark
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 PY=${PYTHON:-python3}
 # The benchmark's flags; GPU_CHECKS_BENCH replaces both (e.g. "--seqs 256 --rounds 1" to try the script on a CPU).
@@ -28,10 +34,23 @@ if [ "${1:-}" = "--fetch" ]; then
   exit 0
 fi
 
-OUT=${1:?usage: bash bench/gpu/run_checks.sh OUTDIR | --fetch}
+OUT=${1:?usage: bash bench/gpu/run_checks.sh OUTDIR [MCORE_VERSION] | --fetch}
+if [ -n "${2:-}" ]; then
+  case " ${MCORE_VERSIONS[*]} " in *" $2 "*) MCORE_VERSIONS=("$2") ;;
+    *) echo "run_checks: megatron-core $2 is not one of ${MCORE_VERSIONS[*]}" >&2; exit 2 ;; esac
+fi
+need() { echo "run_checks: $1" >&2; exit 2; }
+command -v nvidia-smi >/dev/null || need "nvidia-smi not found: this is not a GPU machine"
+$PY -c "import torch, transformers, safetensors; assert torch.cuda.is_available()" 2>/dev/null \
+  || need "$PY lacks torch with CUDA, transformers or safetensors"
+ls .whl/common/*.whl >/dev/null 2>&1 || need ".whl/common holds no wheels: run 'bash bench/gpu/run_checks.sh --fetch' first"
+for v in "${MCORE_VERSIONS[@]}"; do
+  ls .whl/mcore-"$v"/*.whl >/dev/null 2>&1 || need ".whl/mcore-$v holds no wheel: run --fetch first"
+done
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# torch.compile's Inductor cache outlives the steps and the calls on the same machine.
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 failed=0
 step() {  # step NAME COMMAND...: run, log, count a failure, go on
   local name=$1; shift
@@ -50,7 +69,7 @@ for v in "${MCORE_VERSIONS[@]}"; do
     || { echo "=== cannot install megatron-core $v from .whl (run --fetch first)" | tee -a "$LOG"; failed=$((failed + 1)); continue; }
   export PYTHONPATH=$site:$PWD
   step "parity mcore $v" $PY bench/gpu/parity.py --out "$OUT/gpu_parity_mcore-$v.json"
-  if [ "$v" = "${MCORE_VERSIONS[0]}" ]; then
+  if [ "$v" = "$FULL_CHECKS" ]; then
     hf=/tmp/gpu_checks_tiny_hf
     step "tiny checkpoint" $PY toolkits/model_checkpoints_convertor/idefics2/make_tiny_checkpoint.py --save-path $hf
     step "check_hf_parity fp32" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf
