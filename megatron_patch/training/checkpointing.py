@@ -117,10 +117,11 @@ def save_checkpoint(ctx, state: TrainState) -> Path:
     args = ctx.args
     keys = state_keys(args.optimizer, args.sgd_momentum)
     finish_param_gather(ctx.model)  # --overlap-param-gather: this rank holds only its shard's updates
+    # Agreed over ranks before the save (extras must stay free of collectives: a rank that failed
+    # writing skips them); rank 0 records it, and its own optimizer may hold nothing (all frozen).
+    step = _max_over_ranks(optimizer_step_count(ctx.optimizer), ctx.device)
 
     def extras(staging: Path) -> None:
-        # Agreed over ranks: rank 0 writes it, and its own optimizer may hold nothing (all frozen).
-        step = _max_over_ranks(optimizer_step_count(ctx.optimizer), ctx.device)
         tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
         dp = parallel_state.get_data_parallel_rank()
         if not args.no_save_optim:
