@@ -33,7 +33,8 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
 
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
-    from megatron_patch.training.loop import IntervalMeter, next_batches, run_schedule, train_step
+    from megatron_patch.training.interval_meter import IntervalMeter
+    from megatron_patch.training.step import next_batches, run_schedule, train_step
 
     torch.set_num_threads(1)
     ctx = build_training(parse_args(flags))
