@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
+    # toolkits/: the command-line tools, importable as toolkits.<folder>.<tool> by each other, tests and bench.
+    packages=find_packages(include=["megatron_patch", "megatron_patch.*", "toolkits", "toolkits.*"]),
     install_requires=[
         # torch is not pinned here: install the build for your machine first (see README).
         "torch>=2.4",
@@ -30,8 +31,10 @@ setup(
         "eval": ["rouge-score>=0.1.2", "matplotlib>=3.7"],
         # megatron-energon interop: energon_prepare.py and reading with energon (docs/energon.md).
         "energon": ["megatron-energon>=7"],
+        # Weights & Biases logging (--wandb-project).
+        "wandb": ["wandb>=0.19"],
         # The test suite and the README's main job.
-        "test": ["pytest>=8", "psutil>=5.9", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7", "tensorboard>=2.14",
-                 "megatron-energon>=7"],
+        "test": ["pytest>=8", "psutil>=5.9", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7",
+                 "tensorboard>=2.14", "megatron-energon>=7", "wandb>=0.19"],
     },
 )

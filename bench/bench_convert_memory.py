@@ -1,7 +1,7 @@
 """Peak memory of the checkpoint converters on a synthetic Idefics2 checkpoint of >= 2 GB.
 
-    python bench/bench_convert_memory.py                 # writes bench/results/convert_memory.json
-    python bench/bench_convert_memory.py --workdir /scratch --keep
+    python -m bench.bench_convert_memory                 # writes bench/results/convert_memory.json
+    python -m bench.bench_convert_memory --workdir /scratch --keep
 
 The synthetic checkpoint is written directly from the weight mapping's tensor names and shapes
 (random fp32 data, sharded safetensors + index; no torch model is instantiated). Each converter run
@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-TOOLS = REPO / "toolkits" / "model_checkpoints_convertor" / "idefics2"
 MARK = "BENCH_RESULT "
 
 
@@ -55,8 +53,8 @@ def vm_kib(field: str) -> int:
 def write_synthetic(folder: Path) -> int:
     import torch
 
-    from megatron_patch.checkpoint.hf_files import HFShardWriter
-    from megatron_patch.checkpoint.plan import hf_tensor_shapes
+    from megatron_patch.checkpoint.verify import hf_tensor_shapes
+    from megatron_patch.conversion.hf_files import HFShardWriter
 
     config = synthetic_config()
     config.save_pretrained(str(folder))
@@ -71,11 +69,9 @@ def write_synthetic(folder: Path) -> int:
 
 def child(tool: str, argv: list) -> None:
     """Runs inside the measured subprocess: import, note the baseline, convert, report."""
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(tool, TOOLS / f"{tool}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"toolkits.model_checkpoints_convertor.idefics2.{tool}")
     baseline = vm_kib("VmRSS")
     start = time.perf_counter()
     code = module.main(argv)
@@ -108,7 +104,7 @@ def measure(tool: str, argv: list) -> dict:
 def check_round_trip(src: Path, back: Path) -> int:
     import torch
 
-    from megatron_patch.checkpoint.hf_files import HFWeightsReader
+    from megatron_patch.conversion.hf_files import HFWeightsReader
 
     a, b = HFWeightsReader(src), HFWeightsReader(back)
     if sorted(a.names()) != sorted(b.names()):

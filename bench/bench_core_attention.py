@@ -2,7 +2,7 @@
 
 Same inputs for all (fp32 by default; 8 query heads, 2 key/value heads, head dim 64, batch 2), in
 one run: causal rows (no mask tensor); packed rows of four segments each, given to the unfused
-path as the block-diagonal causal mask of `model.packed_causal_mask` ("unfused"), to SDPAttention
+path as the block-diagonal causal mask of `testing.attention_masks.packed_causal_mask` ("unfused"), to SDPAttention
 once as that same mask ("sdpa") and once as segments, `row_segments`, which is what the model
 passes ("sdpa_segments"); and a causal sliding window of a quarter of the sequence, given to the
 unfused path and to SDPAttention as its dense [s, s] mask ("unfused", "sdpa") and to SDPAttention
@@ -14,8 +14,8 @@ allocator may keep freed memory). `scores_mib` is the size of one fp32 score mat
 which the unfused path materialises (and its softmax output, and their gradients) and SDPA does not.
 `speedup_median` is the unfused median over the median of the path the model uses (the last column).
 
-    python bench/bench_core_attention.py               # writes bench/results/core_attention.json
-    python bench/bench_core_attention.py --seqs 512 --rounds 2 --out /tmp/a.json
+    python -m bench.bench_core_attention               # writes bench/results/core_attention.json
+    python -m bench.bench_core_attention --seqs 512 --rounds 2 --out /tmp/a.json
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 HEADS, KV_HEADS, HEAD_DIM, BATCH = 8, 2, 64, 2
 IMPLS = {"causal": ("unfused", "sdpa"), "packed": ("unfused", "sdpa", "sdpa_segments"),
@@ -98,7 +97,7 @@ def _window_mask(seq: int, window: int, device) -> torch.Tensor:
 def _step(impl: str, module, q, k, v, grad, cu, window=None):
     """One forward + backward (packed rows as the dense mask, or as segments; a window as its dense
     mask, or by the module's window_size); returns (output, dq, dk, dv)."""
-    from megatron_patch.models.idefics2.model import packed_causal_mask
+    from megatron_patch.testing.attention_masks import packed_causal_mask
     from megatron_patch.models.idefics2.sdpa_attention import row_segments
 
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
@@ -159,10 +158,10 @@ def measure_memory(impl: str, seq: int, masking: str, dtype_name: str) -> dict:
 
 def _memory_in_child(impl: str, seq: int, masking: str, dtype_name: str, threads: int) -> dict:
     code = (
-        "import json, sys, torch; sys.path.insert(0, %r); torch.set_num_threads(%d); "
-        "from bench.bench_core_attention import measure_memory; "
+        "import json, torch; torch.set_num_threads(%d); "
+        "from bench.bench_core_attention import measure_memory; "  # bench/ from the working directory, REPO
         "print('RESULT ' + json.dumps(measure_memory(%r, %d, %r, %r)))"
-    ) % (str(REPO), threads, impl, seq, masking, dtype_name)
+    ) % (threads, impl, seq, masking, dtype_name)
     env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     env.pop("MASTER_PORT", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)

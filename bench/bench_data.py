@@ -6,8 +6,8 @@ one process on one thread, over the same samples read from the same tar. The tar
 with ``webdataset.TarWriter`` in the project's shard layout (KEY.json + KEY.0.jpg ...), with
 generated JPEGs of 300-1200 px a side and LLaVA-like conversations.
 
-    python bench/bench_data.py                      # writes bench/results/data.json and prints it
-    python bench/bench_data.py --samples 48 --repeats 2 --out /tmp/data.json
+    python -m bench.bench_data                      # writes bench/results/data.json and prints it
+    python -m bench.bench_data --samples 48 --repeats 2 --out /tmp/data.json
 
 Figures are samples/s on one CPU core (``torch.set_num_threads(1)``), best of ``--repeats`` whole
 passes over the shard, including reading and JPEG decoding, which both pay equally. Each is taken
@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_patch.data.chat import content_parts  # noqa: E402
-from megatron_patch.data.collate import Collator  # noqa: E402
-from megatron_patch.data.encoder import SampleEncoder  # noqa: E402
-from megatron_patch.data.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path  # noqa: E402
+from megatron_patch.data.chat import content_parts
+from megatron_patch.data.collate import Collator
+from megatron_patch.data.encoder import SampleEncoder
+from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
 
 WORDS = ("the a of and to in is on with for that this image shows person red blue green small large table "
          "window street car dog cat tree building sky people holding wearing standing next near left right "

@@ -12,9 +12,9 @@ sample order (`megatron_patch/data/sampler.py`) at L = 10^6 and 10^9 samples per
 the previous implementation (epoch-sized arrays, loaded from `git show HEAD:...`) at 10^6 and
 10^7. It goes under the key "order" of the same JSON.
 
-    python bench/bench_data_scale.py                  # both sections -> bench/results/data_scale.json
-    python bench/bench_data_scale.py --only tp        # the TP section only
-    python bench/bench_data_scale.py --only order     # the order section only
+    python -m bench.bench_data_scale                  # both sections -> bench/results/data_scale.json
+    python -m bench.bench_data_scale --only tp        # the TP section only
+    python -m bench.bench_data_scale --only order     # the order section only
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _photo_shards(root: Path, width: int, height: int, n: int = 96) -> Path:
@@ -36,8 +35,7 @@ def _photo_shards(root: Path, width: int, height: int, n: int = 96) -> Path:
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(REPO / "toolkits" / "pretrain_data_preprocessing"))
-    import build_webdataset
+    from toolkits.pretrain_data_preprocessing import build_webdataset
 
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
@@ -58,23 +56,28 @@ def _cpu_per_sample(ctx, steps: int, every_rank_loads: bool) -> float:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.training import batch_transport, build, loop
+    from megatron_patch.training import batch_transport, build
+    from megatron_patch.training.micro_batches import model_inputs
+
+    def fetch(data):
+        """One micro-batch as the forward step gets it (training/micro_batches.py), pixels finished in fp32."""
+        raw = next(data) if data is not None else None
+        part = raw if every_rank_loads else batch_transport.tensor_hop(raw, ctx.device)
+        return model_inputs(part, torch.float32, ctx.hf_config.vision_config.patch_size)
 
     loads = batch_transport.loads_data
     if every_rank_loads:  # the former behaviour: a loader on every rank, no transport
         batch_transport.loads_data = build.loads_data = lambda: True
-        loop.distribute = lambda raw, device: {k: v for k, v in raw.items() if torch.is_tensor(v)}
     try:
         build.build_data(ctx)
         data = iter(ctx.train_loader) if ctx.train_loader is not None else None
-        loop.next_batches(ctx, data, 1)  # warm-up: tokenizer, first shard reads
+        fetch(data)  # warm-up: tokenizer, first shard reads
         start = time.process_time()
         for _ in range(steps):
-            loop.next_batches(ctx, data, 1)
+            fetch(data)
         used = torch.tensor([time.process_time() - start], dtype=torch.float64)
     finally:
         batch_transport.loads_data = build.loads_data = loads
-        loop.distribute = batch_transport.distribute
         ctx.train_loader = None
     dist.all_reduce(used)
     samples = steps * ctx.args.micro_batch_size * ps.get_data_parallel_world_size()
@@ -88,14 +91,17 @@ def _rank_main(flags: list, steps: int, out: str) -> None:
     from megatron_patch.platform import init_distributed
     from megatron_patch.platform.distributed import get_device
     from megatron_patch.training.arguments import parse_args
-    from megatron_patch.training.build import TrainingContext
+    from types import SimpleNamespace
 
     torch.set_num_threads(1)
     rows = []
     args = parse_args(flags)  # validated at TP1: the tiny model's heads do not split 8 ways, the data path needs no model
     for tp in (1, 2, 4, 8):
         init_distributed(tp, 1, seed=args.seed)
-        ctx = TrainingContext(args=args, opts=None, hf_config=args.hf_config, device=get_device())
+        # What build_data reads of a TrainingContext (no model: the data path alone), a fresh run's state.
+        ctx = SimpleNamespace(args=args, hf_config=args.hf_config, device=get_device(), train_loader=None,
+                              valid_loader=None, state=SimpleNamespace(consumed_samples=0),
+                              resumed=SimpleNamespace(loader_state=None))
         before = _cpu_per_sample(ctx, steps, every_rank_loads=True)
         now = _cpu_per_sample(ctx, steps, every_rank_loads=False)
         rows.append({"tp": tp, "dp": 8 // tp, "cpu_ms_per_sample_before": round(before * 1e3, 2),

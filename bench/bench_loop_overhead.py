@@ -1,13 +1,15 @@
 """One training iteration of the tiny Idefics2 at TP2 x PP2 on 4 CPU gloo ranks, and what the loop adds.
 
 Times, side by side in one run and on the same pre-fetched micro-batches:
-  bare   megatron-core's schedule alone: zero grad buffers + forward/backward (1F1B) + grad finalisation
+  bare   megatron-core's schedule alone: zero grad buffers + forward/backward (1F1B) + grad finalisation,
+         over micro-batches read from the loader beforehand (their transport to the ranks and pixel
+         normalisation run inside the schedule's forward step, training/micro_batches.py: here too)
   loop   the training loop's iteration: loader fetch + the same schedule + guarded optimizer step
          (NaN agreement, grad norm, clipping, Adam, distributed-optimizer gather) + LR step + metrics
 Rounds alternate (bare, loop, bare, ...) so machine noise hits both alike; medians are reported.
 
-    python bench/bench_loop_overhead.py                     # writes bench/results/loop_overhead.json
-    python bench/bench_loop_overhead.py --rounds 10 --out /tmp/t.json
+    python -m bench.bench_loop_overhead                     # writes bench/results/loop_overhead.json
+    python -m bench.bench_loop_overhead --rounds 10 --out /tmp/t.json
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _rank_main(flags: list, rounds: int, out: str) -> None:
@@ -34,21 +35,24 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
     from megatron_patch.training.interval_meter import IntervalMeter
-    from megatron_patch.training.step import next_batches, run_schedule, train_step
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    from megatron_patch.training.micro_batches import micro_batches
+    from megatron_patch.training.step import run_schedule, train_step
 
     torch.set_num_threads(1)
     ctx = build_training(parse_args(flags))
     data = iter(ctx.train_loader) if ctx.train_loader is not None else None  # the loading ranks
     meter = IntervalMeter(ctx)
     ctx.model.train()
-    fixed = next_batches(ctx, data)
+    fixed = [next(data) for _ in range(get_num_microbatches())] if data is not None else None
 
     def bare():
         ctx.model.zero_grad_buffer()
-        run_schedule(ctx, fixed.batches, forward_only=False)
+        run_schedule(ctx, micro_batches(ctx, iter(fixed) if fixed is not None else None), forward_only=False)
 
     def loop():
-        micro = next_batches(ctx, data)
+        micro = micro_batches(ctx, data)
         meter.add(train_step(ctx, micro), micro)
 
     times = {"bare": [], "loop": []}
@@ -67,7 +71,7 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
             "layout": "TP2 x PP2 x DP1, 4 gloo ranks, 1 thread each",
             "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
             "torch": torch.__version__, "rounds": rounds,
-            "micro_batches_per_iteration": len(fixed.batches), "micro_batch_size": ctx.args.micro_batch_size,
+            "micro_batches_per_iteration": get_num_microbatches(), "micro_batch_size": ctx.args.micro_batch_size,
             "seq_length": ctx.args.seq_length,
             "bare_forward_backward_ms": round(bare_ms, 1), "loop_iteration_ms": round(loop_ms, 1),
             "loop_overhead_ms": round(loop_ms - bare_ms, 1), "loop_over_bare": round(loop_ms / bare_ms, 3),
@@ -81,7 +85,6 @@ def _rank_main(flags: list, rounds: int, out: str) -> None:
 
 def _prepare(root: Path) -> list:
     """Tiny model (release at TP2 x PP2) and shards, built with the project's own tools."""
-    sys.path.insert(0, str(REPO))
     from tests.training.fixtures import train_flags, training_inputs
 
     inputs = training_inputs()

@@ -1,9 +1,9 @@
 """Saving and loading the optimizer state of an Idefics2 at TP2 x PP2 x DP2 (8 CPU gloo ranks, distributed
 optimizer): time and peak memory per rank, for this tree and, side by side in one run, another commit.
 
-    python bench/bench_optimizer_checkpoint.py                       # --size 400m, writes bench/results/optimizer_checkpoint.json
-    python bench/bench_optimizer_checkpoint.py --before da21ee0      # also the code at that commit (a git worktree)
-    python bench/bench_optimizer_checkpoint.py --size 60m --out /tmp/t.json
+    python -m bench.bench_optimizer_checkpoint                       # --size 400m, writes bench/results/optimizer_checkpoint.json
+    python -m bench.bench_optimizer_checkpoint --before da21ee0      # also the code at that commit (a git worktree)
+    python -m bench.bench_optimizer_checkpoint --size 60m --out /tmp/t.json
 
 The model is built from random weights (`--model-config`, the real Mistral tokenizer's vocabulary) and its
 optimizer state is created (`materialize_state`); then every rank runs the training code's own
@@ -16,6 +16,7 @@ reading count too). The model weights are saved and loaded as part of it in both
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,6 +60,29 @@ class PeakRSS:
         return (self.peak - self.before) / 2**20
 
 
+def _save_and_load(ctx) -> tuple:
+    """(save iteration 1, resume from it at the same layout) with the code under test."""
+    try:
+        from megatron_patch.training.checkpointer import Checkpointer
+    except ImportError:  # --before a commit older than the checkpointer
+        from megatron_patch.training.checkpointing import TrainState, load_training_state, save_checkpoint
+
+        def load_old():
+            ctx.args.load, ctx.args.load_iteration = ctx.args.save, None
+            load_training_state(ctx)
+        return lambda: save_checkpoint(ctx, TrainState(iteration=1)), load_old
+
+    def save():
+        ctx.state.iteration = 1
+        ctx.checkpointer.save()
+
+    def load():
+        settings = dataclasses.replace(ctx.settings.checkpoint, load=ctx.settings.checkpoint.save, load_iteration=None)
+        Checkpointer(settings, ctx.hf_config, ctx.opts, ctx.device, ctx.report).resume(ctx.model, ctx.optimizer,
+                                                                                     ctx.scheduler)
+    return save, load
+
+
 def _rank_main(flags: list, out: str) -> None:
     """Runs on every rank under torchrun."""
     import torch.distributed as dist
@@ -66,10 +90,10 @@ def _rank_main(flags: list, out: str) -> None:
     import megatron_patch
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
-    from megatron_patch.training.checkpointing import TrainState, load_training_state, save_checkpoint
     from megatron_patch.training.optimizer_state import materialize_state, param_state_views, state_keys
 
     ctx = build_training(parse_args(flags))
+    save, load = _save_and_load(ctx)
     keys = state_keys(ctx.args.optimizer, ctx.args.sgd_momentum)
     materialize_state(ctx.optimizer)
     held = sum(end - start for start, end, _ in param_state_views(ctx.optimizer, keys).values()) * len(keys) * 4
@@ -78,11 +102,7 @@ def _rank_main(flags: list, out: str) -> None:
         dist.barrier()
         start = time.perf_counter()
         with PeakRSS() as rss:
-            if what == "save":
-                save_checkpoint(ctx, TrainState(iteration=1))
-            else:
-                ctx.args.load, ctx.args.load_iteration = ctx.args.save, None
-                load_training_state(ctx)
+            save() if what == "save" else load()
         figures[f"{what}_s"] = time.perf_counter() - start
         figures[f"{what}_peak_growth_mib"] = rss.growth_mib
     everyone = [None] * dist.get_world_size()
@@ -95,8 +115,8 @@ def _model_config(root: Path, size: str) -> Path:
     """config.json of an Idefics2 of `size` beside the real Mistral tokenizer (the tiny checkpoint's folder)."""
     from transformers import AutoTokenizer
 
-    from megatron_patch.data.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
-    from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
+    from megatron_patch.testing.tiny import tiny_idefics2_config
+    from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
 
     folder = root / "model"
     build_idefics2_tokenizer_dir(mistral_tokenizer_model_path(), folder)
@@ -147,7 +167,6 @@ def main(argv=None) -> None:
     if args.rank_main is not None:
         _rank_main(args.rank_main[1:], args.rank_main[0])
         return
-    sys.path.insert(0, str(REPO))
     from tests.training.fixtures import training_inputs
 
     shards = str(training_inputs()["train"])

@@ -6,8 +6,8 @@ segment. Packs: "skewed" one 3,072-token sample + 32 samples of 32 tokens; "two"
 4 x 1,024. Rounds alternate the plans and packs so machine noise hits them alike; medians are reported,
 and `skewed_over_two` (the cost of the skewed pack over the 3,072 + 1,024 one) for each plan.
 
-    python bench/bench_packed_attention.py                 # writes bench/results/packed_attention.json
-    python bench/bench_packed_attention.py --rounds 3 --out /tmp/p.json
+    python -m bench.bench_packed_attention                 # writes bench/results/packed_attention.json
+    python -m bench.bench_packed_attention --rounds 3 --out /tmp/p.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SEQ, HEADS, KV_HEADS, HEAD_DIM = 4096, 8, 2, 64
 PACKS = {"skewed": [3072] + [32] * 32, "two": [3072, 1024], "even": [1024] * 4}

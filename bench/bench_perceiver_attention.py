@@ -6,8 +6,8 @@ alternative it replaced ran one SDPA over all packed tokens with a block-diagona
 scores grow with (images x latents) x (all keys of all images). Both are timed here on the same
 inputs (Idefics2-8b perceiver shapes: 16 query heads, 4 kv heads, head dim 96) and checked equal.
 
-    python bench/bench_perceiver_attention.py            # writes bench/results/perceiver_attention.json
-    python bench/bench_perceiver_attention.py --images 4 8 --repeats 2 --out /tmp/p.json
+    python -m bench.bench_perceiver_attention            # writes bench/results/perceiver_attention.json
+    python -m bench.bench_perceiver_attention --images 4 8 --repeats 2 --out /tmp/p.json
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_patch.models.idefics2.varlen_attention import segment_ids, varlen_attention  # noqa: E402
+from megatron_patch.models.idefics2.varlen_attention import segment_ids, varlen_attention
 
 HEADS, KV_HEADS, HEAD_DIM, LATENTS = 16, 4, 96, 64
 

@@ -16,10 +16,10 @@ Rounds alternate (ours, transformers, ours, ...) per sequence length; medians ar
 of SEQ (attention inside each sample), transformers gets one sample per row, right padded; tokens/s
 count real tokens only, and the losses are checked to agree first.
 
-    python bench/bench_train_step.py                          # seq 1024 and 2048, writes bench/results/train_step.json
-    python bench/bench_train_step.py --seqs 1024 --rounds 3 --profile 1024
-    python bench/bench_train_step.py --memory                 # also each step's memory (below), fresh process each
-    python bench/bench_train_step.py --seqs --packed 2048 --per-row 4 --out bench/results/train_step_packed.json
+    python -m bench.bench_train_step                          # seq 1024 and 2048, writes bench/results/train_step.json
+    python -m bench.bench_train_step --seqs 1024 --rounds 3 --profile 1024
+    python -m bench.bench_train_step --memory                 # also each step's memory (below), fresh process each
+    python -m bench.bench_train_step --seqs --packed 2048 --per-row 4 --out bench/results/train_step_packed.json
 
 On a GPU (used wherever CUDA is; `CUDA_VISIBLE_DEVICES=` for the CPU): `--size 1b` is a ~1B Idefics2-shaped model
 (SigLIP 768 x 12 at 384 px, perceiver 64 latents x 3, LLM 2048 hidden x 16 layers with GQA, vocabulary
@@ -34,7 +34,7 @@ on the order and sizes of allocations as much as on their total), and the peak o
 during a third step above the bytes alive before it, the parameters and optimizer state (torch.profiler's
 memory events, "Total Allocated": what a step needs, grads included; the CPU counterpart of the CUDA figure).
 
-    python bench/bench_train_step.py --size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 \
+    python -m bench.bench_train_step --size 1b --dtype bf16 --seqs 2048 4096 --packed 4096 \
         --rounds 5 --out bench/results/train_step_gpu.json
 """
 from __future__ import annotations
@@ -50,10 +50,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224, patch_size=14)
 TEXT = dict(
@@ -90,9 +89,9 @@ def build_pair(size: str = "small", dtype: str = "fp32"):
     from transformers import Idefics2ForConditionalGeneration
 
     from megatron_patch.models.idefics2.config import ParallelOptions
-    from megatron_patch.models.idefics2.tiny import randomize_weights
     from megatron_patch.platform import get_device, init_distributed
-    from tests.idefics2_cases import build_from_hf
+    from megatron_patch.testing.tiny import randomize_weights
+    from tests.models.idefics2_cases import build_from_hf
 
     init_distributed(1, 1, seed=1234)
     device = get_device()
@@ -109,9 +108,10 @@ def build_pair(size: str = "small", dtype: str = "fp32"):
 
 
 def to_device(batch: dict, device, dtype: str) -> dict:
-    """The batch where the models are; pixels in the models' dtype (ids, labels and masks unchanged)."""
-    return {k: v.to(device=device, dtype=DTYPES[dtype] if k == "pixel_values" else None) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    """The batch where the models are; pixels in the models' dtype (ids, labels and masks unchanged);
+    the packed-row boundaries stay on the host, as training keeps them."""
+    return {k: v.to(device=device, dtype=DTYPES[dtype] if k == "pixel_values" else None)
+            if torch.is_tensor(v) and k != "cu_seqlens" else v for k, v in batch.items()}
 
 
 def make_batch(config, seq: int, seed: int = 0) -> dict:
@@ -169,7 +169,7 @@ def make_packed_batches(config, seq: int, per_row: int, seed: int = 0) -> tuple[
             "pixel_values": pixels.view(ROWS, per_row, 3, size, size),
             "pixel_attention_mask": torch.ones(ROWS, per_row, size, size, dtype=torch.bool),
             "image_mask": torch.ones(ROWS, per_row, dtype=torch.bool), "labels": labels, "loss_mask": loss_mask,
-            "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max(),
+            "cu_seqlens": cu,
             "real_tokens": ROWS * seq}
     longest = max(len(x) for x in samples)
     hf_ids = torch.zeros(len(samples), longest, dtype=torch.long)
@@ -189,11 +189,8 @@ def hf_loss(hf, b):
 
 
 def our_loss(ours, b):
-    from megatron_patch.data.packing import packed_seq_params
-
-    packed = packed_seq_params(b) if "cu_seqlens" in b else None  # as the training loop builds it
     per_token = ours(b["input_ids"], b["position_ids"], b["pixel_values"], b["pixel_attention_mask"], b["image_mask"],
-                     labels=b["labels"], packed_seq_params=packed)
+                     labels=b["labels"], cu_seqlens=b.get("cu_seqlens"))  # on the host, as training keeps it
     return (per_token.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
 
 
@@ -237,7 +234,8 @@ def step_memory_cpu(impl: str, seq: int) -> dict:
     ru_maxrss would carry the parent's peak over fork): peak-RSS growth over two steps (the first
     creates the optimizer state) above the RSS after building both models; peak live tensor bytes of
     a third step (grads included) above those alive before it."""
-    out = subprocess.run([sys.executable, __file__, "--_memory-child", impl, str(seq)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "bench.bench_train_step", "--_memory-child", impl, str(seq)], cwd=REPO,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -15,8 +15,8 @@ slows both:
 
 ::
 
-    python bench/bench_worker_transport.py                 # writes bench/results/worker_transport.json
-    python bench/bench_worker_transport.py --samples 32 --rounds 2 --out /tmp/wt.json
+    python -m bench.bench_worker_transport                 # writes bench/results/worker_transport.json
+    python -m bench.bench_worker_transport --samples 32 --rounds 2 --out /tmp/wt.json
 
 Per mode and transport: samples/s (wall, whole pass over ``--samples`` including worker start-up),
 main-process CPU ms per micro-batch and per sample (unpickling and fetching shared segments land
@@ -35,10 +35,8 @@ import os
 import pickle
 import platform
 import resource
-import sys
 import tempfile
 import time
-from argparse import Namespace
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,15 +44,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_patch.data import loader as loader_mod
+from megatron_patch.data import worker_transport as transport
+from megatron_patch.data.collate import Collator
+from megatron_patch.data.encoder import encoder_from_settings
+from megatron_patch.data.image_processing import PendingImage
+from megatron_patch.data.settings import DataSettings
+from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "toolkits" / "pretrain_data_preprocessing"))
-from megatron_patch.data import loader as loader_mod  # noqa: E402
-from megatron_patch.data import worker_transport as transport  # noqa: E402
-from megatron_patch.data.collate import Collator  # noqa: E402
-from megatron_patch.data.encoder import encoder_from_args  # noqa: E402
-from megatron_patch.data.image_processing import PendingImage  # noqa: E402
-from megatron_patch.data.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path  # noqa: E402
 
 WORDS = ("the a of and to in is on with for that this image shows person red blue green small large table "
          "window street car dog cat tree building sky people holding wearing standing next near left right").split()
@@ -62,7 +60,7 @@ WORDS = ("the a of and to in is on with for that this image shows person red blu
 
 def build_shards(root: Path, n: int, seed: int = 0) -> Path:
     """n LLaVA records with 1-2 JPEG photos (smooth shapes + noise) each, sharded by our tool."""
-    import build_webdataset
+    from toolkits.pretrain_data_preprocessing import build_webdataset
 
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
@@ -224,9 +222,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         shards = build_shards(Path(tmp), args.samples)
         tok_dir = build_idefics2_tokenizer_dir(mistral_tokenizer_model_path(), Path(tmp) / "tok")
-        train_args = Namespace(seq_length=args.seq_length, image_size=980, shortest_edge=378,
-                               image_splitting=False, image_seq_len=None, answer_loss_only=False)
-        encoder = encoder_from_args(train_args, tok_dir)
+        settings = DataSettings(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, image_size=980,
+                                shortest_edge=378, image_splitting=False)
+        encoder = encoder_from_settings(settings, tok_dir)
         collator = Collator(args.seq_length, encoder.pad_token_id)
         results = {
             "benchmark": "worker_transport", "samples": args.samples, "micro_batch_size": args.micro_batch_size,

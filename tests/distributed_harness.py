@@ -9,6 +9,9 @@ whole pytest session: they are forked from a forkserver that has torch and megat
 (seconds saved per rank), join one gloo world once, and after every job drop megatron's
 model-parallel state. A rank that raises, dies or outlives `timeout` gets the pool killed (it is
 rebuilt on next use) and a `DistributedError` naming the rank and carrying its traceback.
+
+`free_port()` is the one way a test picks a rendezvous port (this harness's pools, and the tests that
+start torchrun or their own ranks: `--master-port` / `MASTER_PORT`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ class DistributedError(RuntimeError):
     """One or more ranks failed, died or timed out."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -102,7 +106,7 @@ class _Pool:
         ctx = _context()
         self.world_size = world_size
         self.procs, self.conns, self.lifelines = [], [], []
-        port = _free_port()
+        port = free_port()
         for rank in range(world_size):
             parent_end, child_end = ctx.Pipe()
             life_read, life_write = ctx.Pipe(duplex=False)

@@ -71,9 +71,9 @@ def state_bytes_case(tp: int, pp: int, distributed: bool, bf16: bool, frozen=(),
     optimizer by the training code, one Adam step taken (state is created lazily); and the planner's
     figure for the same (stage, TP rank, DP rank)."""
     from megatron_patch.models.idefics2.model import build_model
-    from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
     from megatron_patch.planning.census import census
     from megatron_patch.planning.state_memory import state_bytes
+    from megatron_patch.testing.tiny import tiny_idefics2_config
     from megatron_patch.training.freezing import freeze
     from megatron_patch.training.optimizer import build_optimizer, optimizer_step, wrap_ddp
 
@@ -102,8 +102,8 @@ def activation_case(config_name: str, seq: int, recompute, frozen=()) -> tuple[f
 
     from bench.bench_train_step import bench_config, make_batch, our_loss, peak_live_tensors_mib
     from megatron_patch.models.idefics2.model import build_model
-    from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
     from megatron_patch.planning.activations import Workload, estimate
+    from megatron_patch.testing.tiny import tiny_idefics2_config
     from megatron_patch.training.freezing import freeze
 
     init_distributed(1, 1, seed=1)
@@ -128,13 +128,8 @@ def activation_case(config_name: str, seq: int, recompute, frozen=()) -> tuple[f
 
 def cli_case(argv: list) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `toolkits/plan_layout.py` run in this rank's process."""
-    import importlib.util
-    from pathlib import Path
+    from toolkits import plan_layout as module
 
-    path = Path(__file__).resolve().parents[1] / "toolkits" / "plan_layout.py"
-    spec = importlib.util.spec_from_file_location("plan_layout_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

@@ -7,6 +7,8 @@ import pytest
 
 from tests.distributed_harness import DistributedError, pool_pids, run_distributed
 
+pytestmark = pytest.mark.distributed
+
 
 def _rank_report(tp: int, pp: int, scale: float = 1.0):
     import torch

@@ -7,13 +7,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.training.fixtures import REPO
+
+pytestmark = pytest.mark.e2e
 
 
 def test_gpu_parity_script_passes_on_this_machine(tmp_path):
     out = tmp_path / "parity.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu/parity.py"), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu.parity", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

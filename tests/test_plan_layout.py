@@ -9,6 +9,9 @@ import pytest
 from tests import planning_cases as cases
 from tests.distributed_harness import run_distributed
 
+pytestmark = pytest.mark.distributed
+
+
 LAYOUTS = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4)]
 
 

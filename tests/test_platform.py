@@ -13,7 +13,10 @@ import zlib
 
 import pytest
 
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import free_port, run_distributed
+
+pytestmark = pytest.mark.distributed
+
 
 VOCAB, SEQ, MICRO_BATCH, MICROBATCHES, STEPS = 64, 16, 2, 4, 4
 
@@ -107,13 +110,10 @@ if len(sys.argv) > 1:
 def test_process_groups_are_shut_down_before_the_interpreter_finalises(tmp_path):
     """Left to finalisation, gloo's and the store's threads can abort a process that already exited."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = [subprocess.Popen([sys.executable, "-c", _EXIT_CHECK], stdout=subprocess.PIPE, text=True,
                               env={**base, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(port)})

@@ -20,8 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 PROG = "plan_layout"
 
 
@@ -95,7 +93,7 @@ def settings_from(args):
 
 
 def main(argv=None) -> int:
-    from megatron_patch.checkpoint.tooling import run_tool
+    from megatron_patch.conversion.tooling import run_tool
 
     return run_tool(PROG, lambda: plan(parse_args(argv)))
 

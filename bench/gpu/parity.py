@@ -1,7 +1,7 @@
 """Parity with transformers' Idefics2 on this process's device (CUDA where there is one), fp32 and bf16.
 
 The GPU half of the parity tests: the test suite checks every layout on CPU ranks; this runs the same
-tiny models (`tests/idefics2_cases.py`) at TP1 x PP1 with both models on the device in each dtype and
+tiny models (`tests/models/idefics2_cases.py`) at TP1 x PP1 with both models on the device in each dtype and
 records, per case, the max abs difference of the vision output, connector output and logits:
 a Mistral-style LLM, a tied Llama-style LLM, Llama-3 RoPE scaling (factor 8), Mistral's sliding window
 (5 tokens, below the 42-token samples), and packed rows against
@@ -9,7 +9,7 @@ one sample per row (the packed attention path); then the loss and every gradient
 micro-batch (max |ours - transformers| over max(max |transformers|, 1) per tensor). fp32 runs with TF32 off,
 so both models do true fp32 matmuls and convolutions.
 
-    python bench/gpu/parity.py --out bench/results/gpu_parity.json
+    python -m bench.gpu.parity --out bench/results/gpu_parity.json     # from the repository root
 
 Prints one line per check, writes all figures to --out, exits 1 if any is beyond its tolerance.
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32: the CPU parity tests' tolerances, on every component. bf16: check_hf_parity's default, on the
@@ -40,7 +39,7 @@ def pair(text: str, tied: bool, dtype: str, rope=None, sliding_window=None):
     """(config, transformers model, our model), the same weights, both on the device in `dtype`."""
     from megatron_patch.models.idefics2.config import ParallelOptions
     from megatron_patch.platform import get_device
-    from tests.idefics2_cases import build_from_hf, tiny_hf_model
+    from tests.models.idefics2_cases import build_from_hf, tiny_hf_model
 
     config, hf_model = tiny_hf_model(text, tied, rope_parameters=rope, sliding_window=sliding_window)
     ours = build_from_hf(config, hf_model, ParallelOptions(1, 1, params_dtype=DTYPES[dtype]))
@@ -49,19 +48,16 @@ def pair(text: str, tied: bool, dtype: str, rope=None, sliding_window=None):
 
 
 def on_device(inputs: dict, dtype: str) -> dict:
-    from megatron_patch.data.packing import packed_seq_params
     from megatron_patch.platform import get_device
 
-    out = {k: v.to(get_device(), dtype=DTYPES[dtype] if k == "pixel_values" else None)
-           for k, v in inputs.items() if torch.is_tensor(v)}
-    if "cu_seqlens" in out:
-        out["packed_seq_params"] = packed_seq_params(out)  # from the device's cu_seqlens, as training does
-    return out
+    # The packed-row boundaries stay on the host, as training keeps them (the model plans its segments there).
+    return {k: v if k == "cu_seqlens" else v.to(get_device(), dtype=DTYPES[dtype] if k == "pixel_values" else None)
+            for k, v in inputs.items() if torch.is_tensor(v)}
 
 
 def forward_case(text: str, tied: bool, num_images: int, dtype: str, rope=None, sliding_window=None,
                  text_tokens: int = 12) -> dict:
-    from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
+    from megatron_patch.testing.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
 
     config, hf_model, ours = pair(text, tied, dtype, rope, sliding_window)
     inputs = on_device(random_inputs(config, batch_size=2, num_images=num_images, text_tokens=text_tokens, seed=7),
@@ -76,8 +72,8 @@ def forward_case(text: str, tied: bool, num_images: int, dtype: str, rope=None, 
 
 def packed_case(dtype: str) -> dict:
     """Three samples one per row, and packed two rows as [s0 s1] [s2 pad]: the same logits."""
-    from megatron_patch.models.idefics2.parity import megatron_outputs, random_inputs
-    from tests.idefics2_cases import pack_rows
+    from megatron_patch.testing.parity import megatron_outputs, random_inputs
+    from tests.models.idefics2_cases import pack_rows
 
     config, _, ours = pair("mistral", False, dtype)
     inputs = random_inputs(config, batch_size=3, num_images=2, seed=5)
@@ -94,7 +90,7 @@ def loss_and_grads_case(text: str, tied: bool, dtype: str) -> dict:
     """One micro-batch forward and backward through both: loss and per-tensor gradient errors."""
     from megatron_patch.models.idefics2.config import ParallelOptions
     from megatron_patch.models.idefics2.model_loading import assemble_hf_tensors, local_tensors, pipeline_layout
-    from megatron_patch.models.idefics2.parity import random_inputs
+    from megatron_patch.testing.parity import random_inputs
 
     config, hf_model, ours = pair(text, tied, dtype)
     inputs = on_device(random_inputs(config, batch_size=2, num_images=2, seed=11), dtype)
@@ -154,8 +150,8 @@ def fused_kernels_case() -> dict:
 
 
 def run(dtype: str) -> list[dict]:
-    from megatron_patch.models.idefics2.parity import use_true_fp32
-    from tests.idefics2_cases import llama3_rope
+    from megatron_patch.testing.parity import use_true_fp32
+    from tests.models.idefics2_cases import llama3_rope
 
     use_true_fp32(dtype == "fp32")
     checks = []

@@ -68,15 +68,15 @@ for v in "${MCORE_VERSIONS[@]}"; do
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/common/*.whl .whl/mcore-"$v"/*.whl \
     || { echo "=== cannot install megatron-core $v from .whl (run --fetch first)" | tee -a "$LOG"; failed=$((failed + 1)); continue; }
   export PYTHONPATH=$site:$PWD
-  step "parity mcore $v" $PY bench/gpu/parity.py --out "$OUT/gpu_parity_mcore-$v.json"
+  step "parity mcore $v" $PY -m bench.gpu.parity --out "$OUT/gpu_parity_mcore-$v.json"
   if [ "$v" = "$FULL_CHECKS" ]; then
     hf=/tmp/gpu_checks_tiny_hf
     step "tiny checkpoint" $PY toolkits/model_checkpoints_convertor/idefics2/make_tiny_checkpoint.py --save-path $hf
     step "check_hf_parity fp32" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf
     step "check_hf_parity bf16" $PY toolkits/model_checkpoints_convertor/idefics2/check_hf_parity.py --hf-path $hf --bf16
-    step "train step" $PY bench/bench_train_step.py $BENCH --out "$OUT/train_step_gpu.json"
+    step "train step" $PY -m bench.bench_train_step $BENCH --out "$OUT/train_step_gpu.json"
   else
-    step "train step mcore $v" $PY bench/bench_train_step.py $BENCH_NEWEST --out "$OUT/train_step_gpu_mcore-$v.json"
+    step "train step mcore $v" $PY -m bench.bench_train_step $BENCH_NEWEST --out "$OUT/train_step_gpu_mcore-$v.json"
   fi
 done
 echo "=== $failed failed step(s)" | tee -a "$LOG"

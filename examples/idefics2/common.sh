@@ -19,7 +19,8 @@
 #                metrics always go to SAVE/metrics.jsonl
 #   stopping     EXIT_SIGNAL (empty; e.g. SIGUSR1: --exit-signal-handler, the workers save and exit 0 on
 #                it, torchrun ignores it so it cannot SIGKILL them mid-save: docs/training.md),
-#                SAVE_TOTAL_LIMIT (empty: keep every checkpoint)
+#                SAVE_TOTAL_LIMIT (empty: keep every checkpoint), ASYNC_SAVE (0; 1: --async-save, saves
+#                written in the background from a host copy of the state)
 #   DRY_RUN=1    print the command and exit 0 without running it
 # Arguments given to the launcher are appended to the entry point's flags (the last one wins).
 # Gradient-accumulation fusion needs no setting: the entry point turns it on where apex's
@@ -39,7 +40,7 @@ ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 : "${FINETUNE:=0}" "${ANSWER_LOSS_ONLY:=0}" "${FREEZE=}" "${AUTO_RESUME:=1}" "${DRY_RUN:=0}"
 : "${OVERLAP:=1}" "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
 export CUDA_DEVICE_MAX_CONNECTIONS
-: "${EXIT_SIGNAL:=}" "${SAVE_TOTAL_LIMIT:=}"
+: "${EXIT_SIGNAL:=}" "${SAVE_TOTAL_LIMIT:=}" "${ASYNC_SAVE:=0}"
 : "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
 
 die() { echo "$NAME: error: $*" >&2; exit 1; }
@@ -95,6 +96,7 @@ if [[ -n "$VALID_DATA_PATH" ]]; then
 fi
 
 [[ -n "$SAVE_TOTAL_LIMIT" ]] && ARGS+=(--save-total-limit "$SAVE_TOTAL_LIMIT")
+[[ "$ASYNC_SAVE" == 1 ]] && ARGS+=(--async-save)
 TORCHRUN_SIGNALS=()
 if [[ -n "$EXIT_SIGNAL" ]]; then
   [[ "$EXIT_SIGNAL" =~ ^SIG(TERM|INT|USR1|USR2|HUP)$ ]] || die "EXIT_SIGNAL=$EXIT_SIGNAL must be one of SIGTERM SIGINT SIGUSR1 SIGUSR2 SIGHUP"

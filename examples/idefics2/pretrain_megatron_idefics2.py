@@ -26,14 +26,15 @@ def main(argv=None):
     from megatron_patch.training.build import build_training
     from megatron_patch.training.loop import pretrain
     from megatron_patch.platform.distributed import mark_error_exit
-    from megatron_patch.training.errors import USER_ERRORS, as_collective_timeout, report_error
+    from megatron_patch.errors import UserError
+    from megatron_patch.training.errors import as_collective_timeout, report_error
 
     try:
         return pretrain(build_training(args))
     except Exception as err:  # bad checkpoint, data or resume flags; NaN stop; a timeout: one line, exit 1
         mark_error_exit()  # at exit, abort the process groups: peers may never come to a graceful destroy
         err = as_collective_timeout(err, args.distributed_timeout_minutes) or err
-        if not isinstance(err, USER_ERRORS):
+        if not isinstance(err, UserError):
             raise
         report_error(PROG, err)
         sys.exit(1)

@@ -109,12 +109,6 @@ class ShardedCheckpoint:
         return self._cached[1][m.hf.index(name)]
 
 
-def unwrap(model):
-    """The model part inside megatron-core wrappers (DDP, Float16Module), whose names are canonical."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
 
 def read_checkpoint_config(ckpt_dir, iteration: Optional[Iteration] = None):
     """The HF Idefics2 config a checkpoint was built from (build the model from it: no architecture flags)."""
@@ -129,7 +123,7 @@ def load_model_weights(model, ckpt_dir, opts: ParallelOptions, iteration: Option
     Needs megatron-core's parallel state (the target TP/PP ranks). Returns the iteration loaded.
     Every parameter of the part must be filled, each with the shape the model expects.
     """
-    from megatron_patch.models.idefics2.model_loading import load_hf_weights
+    from megatron_patch.models.idefics2.model_loading import load_hf_weights, unwrap
 
     iteration, folder = resolve_iteration(ckpt_dir, iteration)
     source = ShardedCheckpoint(folder, hf_config)

@@ -1,29 +1,48 @@
-"""Checks a converter makes before it publishes its output (and before the tracker may name it).
+"""What a checkpoint must hold, derived from the config through the one weight mapping, and the
+check that a folder holds exactly that (a training save runs it before the tracker may name the folder;
+so does a converter before it publishes).
 
-- `require_used_once`: every source tensor was read exactly once (none skipped, none read twice).
-- `verify_rank_folders`: every rank folder the layout needs exists, holds exactly the tensors the
-  weight mapping places there (no missing, no extra), each with the shape the mapping gives.
-Errors name the tensor (and the rank folder).
+HF tensor shapes come from `transformers`' own Idefics2 built on the meta device (no memory, and
+the reference for what `from_pretrained` expects). Megatron shapes per rank are those shapes pushed
+through `hf_to_mcore` on meta tensors: the same split rules the converters and the loader use.
+`verify_rank_folders`: every rank folder the layout needs exists, holds exactly the tensors the
+weight mapping places there (no missing, no extra), each with the shape the mapping gives; errors
+name the tensor and the rank folder.
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
-from typing import Callable, Hashable, Iterable
+
+import torch
 
 from megatron_patch.checkpoint.errors import CheckpointError
 from megatron_patch.checkpoint.layout import rank_dir_name
 from megatron_patch.checkpoint.model_files import RankReader
-from megatron_patch.checkpoint.plan import rank_tensor_shapes
-from megatron_patch.models.idefics2.weight_mapping import PipelineLayout
+from megatron_patch.models.idefics2.config import tied_word_embeddings
+from megatron_patch.models.idefics2.weight_mapping import PipelineLayout, hf_tensor_names, hf_to_mcore, tensor_mappings
 
 
-def require_used_once(uses: Counter, sources: Iterable[Hashable], describe: Callable[[Hashable], str]) -> None:
-    """Raise CheckpointError for the first of `sources` that `uses` did not count exactly once;
-    `describe(key)` names it (e.g. 'source tensor X' or 'tensor X of RANK_DIR')."""
-    for key in sources:
-        if uses[key] != 1:
-            raise CheckpointError(f"{describe(key)} was used {uses[key]} times instead of once")
+def hf_tensor_shapes(hf_config) -> dict[str, tuple]:
+    """Every HF tensor name of the model (tied head counted once) -> shape."""
+    from transformers import Idefics2ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Idefics2ForConditionalGeneration(hf_config)
+    state = model.state_dict()
+    return {name: tuple(state[name].shape) for name in hf_tensor_names(hf_config)}
+
+
+def rank_tensor_shapes(hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None) -> dict[tuple, dict[str, tuple]]:
+    """(pipeline stage, TP rank) -> {local canonical name: shape} for a checkpoint at this layout."""
+    hf_shapes = hf_shapes or hf_tensor_shapes(hf_config)
+    tied = tied_word_embeddings(hf_config)
+    out = {(s, r): {} for s in range(layout.pipeline_size) for r in range(tp_size)}
+    for m in tensor_mappings(hf_config):
+        meta = [torch.empty(hf_shapes[name], device="meta") for name in m.hf]
+        for stage, local in layout.placements(m, tied):
+            for r in range(tp_size):
+                out[(stage, r)][local] = tuple(hf_to_mcore(m, meta, r, tp_size).shape)
+    return out
 
 
 def verify_rank_folders(folder, hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None) -> int:

@@ -175,7 +175,7 @@ class ChatTokenizer:
         tid = self.tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == self.tokenizer.unk_token_id:
             raise ValueError(f"tokenizer {self.tokenizer.name_or_path!r} lacks Idefics2's {token} token; "
-                             "build it with megatron_patch.data.tokenizer_files.build_idefics2_tokenizer_dir")
+                             "build it with megatron_patch.testing.tokenizer_files.build_idefics2_tokenizer_dir")
         return int(tid)
 
     @staticmethod

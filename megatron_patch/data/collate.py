@@ -1,6 +1,8 @@
 """Encoded samples (or packed sequences) -> one fixed-shape micro-batch.
 
-Every micro-batch is ``[B, seq_length]`` (Megatron schedules want fixed shapes). Keys:
+Every micro-batch is ``[B, seq_length]`` (Megatron schedules want fixed shapes). This is what the
+model receives: ``training/micro_batches.py`` moves each micro-batch to the ranks and devices that
+need it and hands it to the model, normalising raw pixels on the way (nothing else changes). Tensors:
 
 =======================  ===========================  ==========================================
 key                      shape, dtype                 meaning
@@ -27,27 +29,44 @@ pixel_norm (raw pixels)  [k, 4] or [3, 256] float32  with ``raw_pixels``: pixel_
 num_images               [B] int64                    real vision inputs per row
 cu_seqlens  (packed)     [S + 1] int32                sequence boundaries over the flattened
                                                       [B * L] tokens: each packed sample is one
-                                                      segment and each row's padding tail another
-max_seqlen  (packed)     [] int32                     longest segment
+                                                      segment and each row's padding tail another;
+                                                      the model builds its attention segments
+                                                      from them (training keeps them on the host)
+=======================  ===========================  ==========================================
+
+Python values, counted here on the host so that nothing downstream reads a device tensor back
+(a host sync on a GPU) to learn a size:
+
+=======================  ===========================  ==========================================
+image_sizes              list of (h, w) ints          height and width of each real vision input,
+                                                      in batch order (row by row, as image_mask);
+                                                      its real patches are (h // p) x (w // p)
+image_tokens             list of B ints               ``<image>`` tokens per row (only when the
+                                                      collator knows ``image_token_id``), which
+                                                      the model checks against num_images
+max_seqlen  (packed)     int                          longest segment of cu_seqlens
 =======================  ===========================  ==========================================
 
 Vision inputs of a row are in the order of its ``<image>`` blocks (packed samples: concatenated in
 sample order), which is the order the model merges them in. A sample's ``pixel_values`` are the
 encoder's uint8 ``PendingImage``s, normalised straight into the batch by ``pad_images``, or float
 ``[3, h, w]`` tensors. Training collates ``raw_pixels``: the uint8 levels travel to the other ranks
-and to the GPU (4x fewer bytes than float32) and are normalised there, with the same numbers.
+and to the GPU (4x fewer bytes than float32) and are normalised there one micro-batch at a time,
+with the same numbers, then cast to the model's dtype.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_patch.data.image_processing import pad_images
 
 
-def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int, raw_pixels: bool = False) -> dict:
-    """Stack encoder outputs (``SampleEncoder.encode``) or packed sequences (``packing.pack``)."""
+def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int, raw_pixels: bool = False,
+            image_token_id: Optional[int] = None) -> dict:
+    """Stack encoder outputs (``SampleEncoder.encode``) or packed sequences (``packing.pack``);
+    ``image_token_id`` (the tokenizer's ``<image>``) adds the per-row ``image_tokens`` counts."""
     if not samples:
         raise ValueError("collate got an empty list of samples")
     batch, length = len(samples), int(seq_length)
@@ -87,13 +106,15 @@ def collate(samples: Sequence[dict], seq_length: int, pad_token_id: int, raw_pix
         "pixel_attention_mask": pixel_attention_mask,
         "image_mask": image_mask,
         "num_images": torch.tensor([len(s["pixel_values"]) for s in samples], dtype=torch.int64),
+        "image_sizes": [(int(img.shape[-2]), int(img.shape[-1])) for s in samples for img in s["pixel_values"]],
     }
+    if image_token_id is not None:
+        out["image_tokens"] = (tokens == int(image_token_id)).sum(dim=1).tolist()
     if raw_pixels and images[3] is not None:
         out["pixel_norm"] = images[3]
     if packed:
-        cu = torch.tensor(boundaries, dtype=torch.int32)
-        out["cu_seqlens"] = cu
-        out["max_seqlen"] = (cu[1:] - cu[:-1]).max().to(torch.int32)
+        out["cu_seqlens"] = torch.tensor(boundaries, dtype=torch.int32)
+        out["max_seqlen"] = max(end - start for start, end in zip(boundaries, boundaries[1:]))
     return out
 
 
@@ -105,10 +126,13 @@ def empty_sample() -> dict:
 
 
 class Collator:
-    """``collate`` bound to one model's seq_length, pad token and pixel form, for ``DataLoader(collate_fn=...)``."""
+    """``collate`` bound to one model's seq_length, pad token, pixel form and ``<image>`` token, for
+    ``DataLoader(collate_fn=...)``."""
 
-    def __init__(self, seq_length: int, pad_token_id: int, raw_pixels: bool = False):
+    def __init__(self, seq_length: int, pad_token_id: int, raw_pixels: bool = False,
+                 image_token_id: Optional[int] = None):
         self.seq_length, self.pad_token_id, self.raw_pixels = int(seq_length), int(pad_token_id), raw_pixels
+        self.image_token_id = image_token_id
 
     def __call__(self, samples: Sequence[dict]) -> dict:
-        return collate(samples, self.seq_length, self.pad_token_id, self.raw_pixels)
+        return collate(samples, self.seq_length, self.pad_token_id, self.raw_pixels, self.image_token_id)

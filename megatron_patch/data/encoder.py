@@ -31,6 +31,7 @@ from PIL import Image
 from megatron_patch.data.chat import IMAGE_TOKEN, ChatTokenizer, check_messages
 from megatron_patch.data.errors import SkipSample
 from megatron_patch.data.image_processing import Idefics2ImageTransform, ImageProcessingConfig, read_saved_settings
+from megatron_patch.data.settings import DataSettings
 
 DEFAULT_IMAGE_SEQ_LEN = 64  # perceiver latents of the released Idefics2
 
@@ -158,14 +159,14 @@ def add_encoder_arguments(parser):
     return parser
 
 
-def encoder_from_args(args, tokenizer_dir) -> SampleEncoder:
-    """``SampleEncoder`` from Megatron-style args (``seq_length`` plus the flags above); the loss
-    covers every text token unless ``args.answer_loss_only`` is set."""
+def encoder_from_settings(settings: DataSettings, tokenizer_dir) -> SampleEncoder:
+    """``SampleEncoder`` from the data settings (``seq_length`` plus the fields of the flags above); the
+    loss covers every text token unless ``settings.answer_loss_only`` is set."""
     return SampleEncoder(
-        tokenizer_dir, args.seq_length,
-        answer_loss_only=getattr(args, "answer_loss_only", False),
-        longest_edge=getattr(args, "image_size", None),
-        shortest_edge=getattr(args, "shortest_edge", None),
-        image_splitting=getattr(args, "image_splitting", None),
-        image_seq_len=getattr(args, "image_seq_len", None),
+        tokenizer_dir, settings.seq_length,
+        answer_loss_only=settings.answer_loss_only,
+        longest_edge=settings.image_size,
+        shortest_edge=settings.shortest_edge,
+        image_splitting=settings.image_splitting,
+        image_seq_len=settings.image_seq_len,
     )

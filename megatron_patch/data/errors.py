@@ -7,6 +7,7 @@
 * ``DataQualityError`` too many bad samples: training must stop.
 * ``ShardIndexError`` shard directory / index problems found before training.
 """
+from megatron_patch.errors import UserError
 
 
 class SkipSample(Exception):
@@ -28,7 +29,7 @@ class BadSample(SkipSample):
         super().__init__(reason, " ".join(p for p in (where, detail) if p))
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(UserError, RuntimeError):
     """The fraction of bad samples exceeded ``--max-bad-sample-fraction``."""
 
 

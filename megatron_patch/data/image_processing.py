@@ -344,26 +344,27 @@ def pad_images(per_sample: Sequence[Sequence["PendingImage | torch.Tensor"]], ra
 
 
 def normalise_pixels(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
-                     norm: Optional[torch.Tensor]) -> torch.Tensor:
-    """uint8 pixel_values of ``pad_images(raw=True)`` -> the float32 ones, on their device.
+                     norm: Optional[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixel_values of ``pad_images(raw=True)`` -> the float ones in ``dtype``, on their device.
 
     ``norm`` (``Normaliser.as_tensor``) holds the float32 ops the CPU normaliser checked against HF's
-    numbers on all 256 levels, run here in the same order (IEEE float32 division and subtraction
-    round the same on every device), or else its per-level table. Padding stays 0, HF's layout.
+    numbers on all 256 levels, run here in the same order in float32 (IEEE float32 division and
+    subtraction round the same on every device), or else its per-level table; the float32 result
+    is then cast to ``dtype`` (the model's). Keep ``norm`` on the host: its op codes are read as
+    Python numbers, which on a device tensor would be a host sync. Padding stays 0, HF's layout.
     """
-    if pixel_values.dtype != torch.uint8:
-        return pixel_values
-    if pixel_values.numel() == 0:
-        return pixel_values.float()
+    if pixel_values.dtype != torch.uint8 or pixel_values.numel() == 0:
+        return pixel_values.to(dtype)
     if norm is None:
         raise ValueError("uint8 pixel_values need their normalisation (pixel_norm)")
-    norm = norm.to(device=pixel_values.device, dtype=torch.float32)
+    device = pixel_values.device
     if norm.shape[-1] == 256:  # the table: one value per channel and level
-        channel = torch.arange(3, device=pixel_values.device).view(3, 1, 1) * 256
-        values = torch.take(norm.reshape(-1), pixel_values.long() + channel)
+        table = norm.to(device=device, dtype=torch.float32, non_blocking=True)
+        channel = torch.arange(3, device=device).view(3, 1, 1) * 256
+        values = torch.take(table.reshape(-1), pixel_values.long() + channel)
     else:
         values = pixel_values.float()
-        for op, *per_channel in norm:
-            value = torch.stack(per_channel).view(3, 1, 1)
+        for op, *per_channel in norm.tolist():
+            value = torch.tensor(per_channel, dtype=torch.float32).view(3, 1, 1).to(device, non_blocking=True)
             values = values.div_(value) if int(op) == 1 else values.sub_(value)
-    return values.masked_fill_(~pixel_attention_mask.bool().unsqueeze(2), 0.0)
+    return values.masked_fill_(~pixel_attention_mask.bool().unsqueeze(2), 0.0).to(dtype)

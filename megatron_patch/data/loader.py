@@ -7,7 +7,7 @@
                              dp_rank=rank, dp_size=world, consumed_samples=ckpt_consumed,
                              num_workers=2)
     for batch in loader:              # infinite unless total_samples is given
-        ...                           # batch = collate(...) + batch["data_stats"]
+        ...                           # batch = collate(...); loader.snapshot(): the counters
         state = loader.state_dict()   # per DP rank, for checkpoints (see "State" below)
 
 * The order and the DP slicing come from ``sampler`` (read its docstring for the
@@ -65,6 +65,7 @@ from megatron_patch.data.collate import empty_sample
 from megatron_patch.data.packing import ResumablePacker
 from megatron_patch.data.sampler import DistributedSampler, GlobalOrder, mix64
 from megatron_patch.data.datasets import open_dataset
+from megatron_patch.data.settings import DataSettings
 from megatron_patch.data.worker_transport import from_wire, to_wire
 
 UNDECODABLE_IMAGE = "undecodable_image"
@@ -115,9 +116,9 @@ class _SampleRng:
 
 
 class _MicroBatchReader(torch.utils.data.Dataset):
-    """``reader[slots]`` -> collated micro-batch with its per-batch ``data_stats``.
+    """``reader[slots]`` -> ``{"batch": collated micro-batch, "stats": this read's counters}``.
 
-    With ``collate=None`` (packing) it returns ``{"samples": [(position, sample), ...], "data_stats"}``.
+    With ``collate=None`` (packing) it returns ``{"samples": [(position, sample), ...], "stats"}``.
     In a DataLoader worker the result goes through ``to_wire`` (unless ``wire`` is False).
     """
 
@@ -173,11 +174,11 @@ class _MicroBatchReader(torch.utils.data.Dataset):
         stats = {"seen": seen, "bad": bad, "skipped": sum(reasons.values()) - bad, "substituted": substituted,
                  "dropped": dropped, "by_reason": dict(reasons), "by_shard": dict(shards)}
         if self.collate is None:  # packing: the main process packs and collates, in sampler order
-            return {"samples": samples, "data_stats": stats}
+            return {"samples": samples, "stats": stats}
         # A micro-batch keeps its [micro_batch_size, seq_length] shape: a slot whose sample and all
         # substitutes failed (counted in "dropped"), or past the end of the set, is an all-pad row.
         rows = [s for _, s in samples] + [empty_sample() for _ in range(len(slots) - len(samples))]
-        return {**_collated(self.collate, rows), "data_stats": stats}
+        return {"batch": _collated(self.collate, rows), "stats": stats}
 
 
 def _collated(collate: Callable, samples: list) -> dict:
@@ -257,15 +258,14 @@ class ResumableLoader:
         yield from (self._unpacked(items, sampler) if self.packer is None else self._packed(items, sampler))
 
     def _unpacked(self, items, sampler):
-        for batch in items:
-            self._receive(batch.pop("data_stats"), sampler)
-            batch["data_stats"] = self.snapshot()
-            yield batch
+        for item in items:
+            self._receive(item["stats"], sampler)
+            yield item["batch"]
 
     def _packed(self, items, sampler):
         yield from self._emit()  # rows packed before a restart come first
         for item in items:
-            self._receive(item["data_stats"], sampler)
+            self._receive(item["stats"], sampler)
             for position, sample in item["samples"]:
                 self.packer.push(position, sample)
             yield from self._emit()
@@ -274,9 +274,7 @@ class ResumableLoader:
 
     def _emit(self, final: bool = False):
         while rows := self.packer.pop_batch(final):
-            batch = _collated(self.collate, rows)
-            batch["data_stats"] = self.snapshot()
-            yield batch
+            yield _collated(self.collate, rows)
 
     def _receive(self, delta: dict, sampler: DistributedSampler) -> None:
         self._account(delta)
@@ -355,33 +353,30 @@ def add_data_arguments(parser):
     return parser
 
 
-def build_train_valid_loaders(args, encode: Callable, collate: Callable, dp_rank: int, dp_size: int):
-    """(train, valid or None) loaders from Megatron-style ``args``.
+def build_train_valid_loaders(settings: DataSettings, encode: Callable, collate: Callable, dp_rank: int,
+                              dp_size: int, consumed_samples: int = 0):
+    """(train, valid or None) loaders from ``settings`` (``settings.py``); the training loader starts
+    at ``consumed_samples`` (a resumed run's).
 
-    Reads ``data_path``, ``valid_data_path``, ``seed``, ``micro_batch_size``, ``num_workers``,
-    ``max_bad_sample_fraction``, ``pack_sequences`` (rows of ``seq_length``), ``pack_buffer_size``,
-    ``consumed_train_samples`` and ``train_samples`` (None: endless).
     With packing, restore each rank's ``state_dict`` too for an exact resume. The validation loader
     covers its whole set once, in stored order, unpacked (packing changes no per-token loss), its
     last micro-batch topped up with all-pad rows; ``valid.num_steps()`` is the same on every rank.
     """
     from megatron_patch.data.sampler import parse_data_path
 
-    common = dict(encode=encode, collate=collate, micro_batch_size=args.micro_batch_size,
-                  seed=args.seed, dp_rank=dp_rank, dp_size=dp_size,
-                  num_workers=getattr(args, "num_workers", 2),
-                  max_bad_sample_fraction=getattr(args, "max_bad_sample_fraction", 0.01))
+    common = dict(encode=encode, collate=collate, micro_batch_size=settings.micro_batch_size,
+                  seed=settings.seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=settings.num_workers,
+                  max_bad_sample_fraction=settings.max_bad_sample_fraction)
     train = None
-    if getattr(args, "data_path", None):
-        dirs, weights = parse_data_path(args.data_path, "--data-path")
-        train = ResumableLoader(dirs, weights, shuffle=True,
-                                consumed_samples=getattr(args, "consumed_train_samples", 0),
-                                total_samples=getattr(args, "train_samples", None),
-                                pack_seq_length=args.seq_length if getattr(args, "pack_sequences", False) else None,
-                                pack_buffer_size=getattr(args, "pack_buffer_size", 256), **common)
+    if settings.data_path:
+        dirs, weights = parse_data_path(settings.data_path, "--data-path")
+        train = ResumableLoader(dirs, weights, shuffle=True, consumed_samples=consumed_samples,
+                                total_samples=settings.train_samples,
+                                pack_seq_length=settings.seq_length if settings.pack_sequences else None,
+                                pack_buffer_size=settings.pack_buffer_size, **common)
     valid = None
-    if getattr(args, "valid_data_path", None):
-        dirs, weights = parse_data_path(args.valid_data_path, "--valid-data-path")
+    if settings.valid_data_path:
+        dirs, weights = parse_data_path(settings.valid_data_path, "--valid-data-path")
         datasets = [open_dataset(d) for d in dirs]
         valid = ResumableLoader(datasets, weights, shuffle=False, keep_tail=True,
                                 total_samples=sum(len(d) for d in datasets), **common)

@@ -3,7 +3,7 @@
 A packed sequence concatenates its samples' tokens, labels, loss masks and vision inputs (in
 sample order); position ids restart at 0 for each sample, and ``seq_lens`` records the sample
 lengths, from which ``collate`` builds ``cu_seqlens`` so that attention never crosses samples
-(megatron-core THD format, see ``packed_seq_params``). Labels were shifted per sample by the
+(the model builds its attention segments from them). Labels were shifted per sample by the
 encoder, so no sample's last position is trained to predict the next sample's first token.
 
 Bin packing is first-fit-decreasing over a buffer of samples. The least-filled bin of each round
@@ -168,11 +168,3 @@ class ResumablePacker:
         self.packer.restore(((int(p), load(int(p))), carried) for p, carried in state["buffer"])
         self.rows = [[(int(p), load(int(p))) for p in row] for row in state["rows"]]
 
-
-def packed_seq_params(batch: dict):
-    """megatron-core ``PackedSeqParams`` (THD) for a collated packed batch."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = batch["cu_seqlens"]
-    max_len = int(batch["max_seqlen"])
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)

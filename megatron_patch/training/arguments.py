@@ -33,6 +33,7 @@ from pathlib import Path
 
 from megatron_patch.data.encoder import add_encoder_arguments
 from megatron_patch.data.loader import add_data_arguments
+from megatron_patch.errors import UserError
 
 PROG = "pretrain_megatron_idefics2"
 CONFIG_FILE = "config.json"
@@ -40,11 +41,8 @@ _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one ma
 _FREEZE_FLAGS = {"freeze_llm": "llm", "freeze_clip_vision_tower": "vision", "freeze_perceiver": "connector"}
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError, ValueError):
     """A flag (or flag combination) is unusable; the message is one line naming the flag."""
-
-    def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))  # wrapped library messages may span lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--save-total-limit", type=int, default=None, metavar="N",
                    help="keep the N newest iteration folders (never the tracker's, nor release)")
+    g.add_argument("--async-save", action="store_true",
+                   help="copy the state to host memory at a save and write it in the background while training "
+                        "goes on (one save in flight; costs a host copy of this rank's weights and optimizer state)")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true")
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-jsonl", default=None, metavar="PATH", help="default: SAVE/metrics.jsonl with --save")
     g.add_argument("--peak-tflops", type=float, default=None, help="per-device peak, for MFU")
+    g.add_argument("--wandb-project", default=None, help="log the metrics to this Weights & Biases project "
+                   "(pip install -e '.[wandb]'; WANDB_MODE=offline without internet)")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name")
+    g.add_argument("--wandb-save-dir", default=None, help="where W&B keeps its files (default: ./wandb)")
+    g.add_argument("--wandb-entity", default=None, help="the W&B team or user")
 
     g = p.add_argument_group("activation recompute")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
@@ -303,6 +309,7 @@ def _check_dependencies(args) -> None:
     needs = [
         (args.save_interval is not None and not args.save, "--save-interval needs --save (where to save)"),
         (args.save_total_limit is not None and not args.save, "--save-total-limit needs --save (what to prune)"),
+        (args.async_save and not args.save, "--async-save needs --save (where to write)"),
         (args.overlap_param_gather and not args.use_distributed_optimizer,
          "--overlap-param-gather needs --use-distributed-optimizer (it gathers the optimizer's parameter shards)"),
         (args.overlap_param_gather and not args.overlap_grad_reduce,

@@ -1,9 +1,9 @@
-"""Errors a user can act on (bad checkpoint, data or resume flags, a NaN stop, a collective that timed
-out): reported in one line.
+"""The training run's own user errors (a NaN stop, a collective that timed out) and how the entry
+point reports any `UserError` in one line.
 
-The entry point catches `USER_ERRORS` and prints `PROG: error: <message>` instead of a traceback on
-every rank. Errors every rank raises alike are printed by rank 0 only; data errors, which one DP
-rank meets alone, by the rank that met them (torchrun then stops the others).
+The entry point catches `megatron_patch.errors.UserError` and prints `PROG: error: <message>` instead
+of a traceback on every rank. Errors every rank raises alike are printed by rank 0 only; data errors,
+which one DP rank meets alone, and timeouts by the rank that met them (torchrun then stops the others).
 """
 from __future__ import annotations
 
@@ -13,27 +13,25 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_patch.checkpoint import CheckpointError
 from megatron_patch.data.errors import DataQualityError
-from megatron_patch.training.arguments import ArgumentError
+from megatron_patch.errors import UserError, one_line
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training cannot go on (too many consecutive NaN/Inf steps); the last checkpoint is intact."""
 
 
-class CollectiveTimeout(RuntimeError):
+class CollectiveTimeout(UserError, RuntimeError):
     """A collective or the start-up rendezvous waited --distributed-timeout-minutes for a peer."""
 
 
-USER_ERRORS = (ArgumentError, CheckpointError, DataQualityError, TrainingStopped, CollectiveTimeout)
 _TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
 def as_collective_timeout(err: BaseException, minutes: int) -> Optional[CollectiveTimeout]:
     """`err` restated in one line when it is a distributed timeout (torch.distributed's DistError
     family, or gloo's and NCCL's RuntimeErrors), else None."""
-    text = " ".join(str(err).split())
+    text = one_line(err)
     distributed = isinstance(err, dist.DistError) or re.search(r"gloo|nccl", text, re.IGNORECASE)
     if not (isinstance(err, RuntimeError) and distributed and _TIMEOUT.search(text)):
         return None
@@ -43,8 +41,8 @@ def as_collective_timeout(err: BaseException, minutes: int) -> Optional[Collecti
         f"or a save legitimately takes longer ({type(err).__name__}: {text[:200]})")
 
 
-def report_error(prog: str, err: Exception) -> None:
+def report_error(prog: str, err: UserError) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 or isinstance(err, (DataQualityError, CollectiveTimeout)):  # met by some ranks alone
         where = f"[rank {rank}] " if rank else ""
-        print(f"{prog}: error: {where}{' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {where}{err}", file=sys.stderr, flush=True)

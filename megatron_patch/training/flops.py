@@ -67,16 +67,12 @@ class BatchShapes:
         return cls(int(rows), int(seq_length), len(p), sum(p), sum(x * x for x in p))
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, torch.Tensor], patch_size: int) -> "BatchShapes":
-        """From one collated micro-batch (keys of ``data/collate.py``)."""
-        from megatron_patch.models.idefics2.vision import patch_attention_mask
-
+    def from_batch(cls, batch: Mapping, patch_size: int) -> "BatchShapes":
+        """From one collated micro-batch (keys of ``data/collate.py``): its rows and the collator's
+        ``image_sizes`` (a real patch is a whole p x p block of an image padded bottom/right, as
+        ``vision.patch_attention_mask`` finds them)."""
         rows, seq_length = batch["tokens"].shape
-        image_mask = batch.get("image_mask")
-        patches: list[int] = []
-        if image_mask is not None and bool(image_mask.any()):
-            pixel_mask = batch["pixel_attention_mask"][image_mask.bool()].bool()
-            patches = patch_attention_mask(pixel_mask, patch_size).flatten(1).sum(dim=1).tolist()
+        patches = [(h // patch_size) * (w // patch_size) for h, w in batch["image_sizes"]]
         return cls.from_patches(rows, seq_length, patches)
 
     def __add__(self, other: "BatchShapes") -> "BatchShapes":

@@ -25,6 +25,8 @@ TRAINING_KEYS = (
     "tokens_per_second",
     "tflops_per_device",
     "mfu",
+    "elapsed_ms_per_iteration",
+    "time_left_seconds",
 )
 """Keys of every training record (``mfu`` and ``grad_norm`` may be None)."""
 
@@ -58,7 +60,17 @@ def format_training_line(record: dict, train_iters: Optional[int] = None) -> str
         f"TFLOP/s/device: {_num(record.get('tflops_per_device'), '.2f')}",
         f"MFU: {'n/a' if mfu is None else format(mfu, '.1%')}",
     ]
+    if "elapsed_ms_per_iteration" in record:  # Megatron-LM's figure, and what is left at that pace
+        left = record.get("time_left_seconds")
+        fields.insert(2, f"elapsed time per iteration (ms): {_num(record['elapsed_ms_per_iteration'], '.1f')}")
+        fields.insert(3, f"time left: {'n/a' if left is None else _duration(left)}")
     return " | ".join(fields) + " |"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def format_validation_line(record: dict) -> str:
@@ -86,16 +98,17 @@ def _is_scalar(value) -> bool:
 
 
 class MetricsWriter:
-    """Writes records to stdout, a JSONL file and tensorboard, on the reporting rank only.
+    """Writes records to stdout, a JSONL file, tensorboard and W&B, on the reporting rank only.
 
     jsonl_path / tensorboard_dir: None to skip that sink. enabled: False on every other rank (then
     nothing is created or written). train_iters: shown in the default training line.
     """
 
     def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], enabled: bool,
-                 train_iters: Optional[int] = None):
+                 train_iters: Optional[int] = None, wandb_run=None):
         self.enabled, self.train_iters = bool(enabled), train_iters
         self._file = self._tensorboard = None
+        self._wandb = wandb_run  # wandb_run.WandbRun, made on the reporting rank only
         if not self.enabled:
             return
         if jsonl_path:
@@ -126,6 +139,8 @@ class MetricsWriter:
                 if key != "iteration" and _is_scalar(value):
                     self._tensorboard.add_scalar(key, value, global_step=step)
             self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def close(self) -> None:
         if self._file is not None:
@@ -134,6 +149,9 @@ class MetricsWriter:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -182,8 +200,6 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def perplexity(loss: float) -> float:
-    """exp(loss), inf when it overflows (for `validation_ppl`)."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
+    """`validation_ppl`: exp(loss) with the loss capped at 700 (a finite number that JSON and every
+    logger take); a NaN or infinite loss is passed through as it is."""
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss

@@ -3,7 +3,7 @@
     model = wrap_ddp(model, args)                 # after freezing and after loading weights
     optimizer = build_optimizer(model, args)      # fp32 main weights copied from the loaded model
     scheduler = build_scheduler(optimizer, args)
-    outcome = optimizer_step(optimizer, loss_is_finite, device)
+    result = optimizer_step(optimizer, loss_is_finite, clip_grad, device)
     finish_param_gather(model)                    # before reading the weights outside a forward
 
 --overlap-param-gather (distributed optimizer): the optimizer step leaves each DP rank with only
@@ -123,11 +123,16 @@ def sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-@dataclass
-class StepOutcome:
-    updated: bool
+@dataclass(frozen=True)
+class StepResult:
+    """What one training iteration did: the guarded optimizer step (`optimizer_step`), and the loss of
+    the global batch that step.train_step adds (on the last stage; elsewhere 0 tokens)."""
+
+    updated: bool  # False: a NaN/Inf loss or gradient on some rank, no weight changed anywhere
     grad_norm: float  # over trainable parameters, TP-replicated ones once; nan when not finite
     loss_scale: float
+    loss_sum: float = 0.0  # sum of per-token losses over the global batch's loss tokens
+    loss_tokens: float = 0.0  # their count (the loss is loss_sum / loss_tokens, loss.per_token)
 
 
 def _agree_all_ok(ok: bool, device) -> bool:
@@ -139,7 +144,7 @@ def _agree_all_ok(ok: bool, device) -> bool:
 
 
 @torch.no_grad()
-def optimizer_step(optimizer, loss_is_finite: bool, clip_grad: float, device) -> StepOutcome:
+def optimizer_step(optimizer, loss_is_finite: bool, clip_grad: float, device) -> StepResult:
     """Unscale, measure the grad norm, and step unless the loss or any gradient is NaN/Inf.
 
     megatron-core's fp32 optimizer never checks for NaN, so the check is made here for every
@@ -152,7 +157,7 @@ def optimizer_step(optimizer, loss_is_finite: bool, clip_grad: float, device) ->
     ok = _agree_all_ok(loss_is_finite and not found_inf and math.isfinite(grad_norm), device)
     scale = float(optimizer.get_loss_scale())
     if not ok:
-        return StepOutcome(False, grad_norm if math.isfinite(grad_norm) else float("nan"), scale)
+        return StepResult(False, grad_norm if math.isfinite(grad_norm) else float("nan"), scale)
     if clip_grad > 0:
         for opt in sub_optimizers(optimizer):
             params = opt.get_parameters()
@@ -160,4 +165,4 @@ def optimizer_step(optimizer, loss_is_finite: bool, clip_grad: float, device) ->
                 # Looked up at call time: the CPU platform layer wraps it after this module is imported.
                 clip_grads.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
-    return StepOutcome(True, grad_norm, scale)
+    return StepResult(True, grad_norm, scale)

@@ -1,25 +1,19 @@
-"""Optimizer state in model space: per parameter, through the one weight mapping, any layout.
+"""What a megatron-core optimizer holds, seen per model parameter: the state a checkpoint saves.
 
 Each trainable parameter's fp32 main weight and moments (Adam: `exp_avg`, `exp_avg_sq`; SGD:
-`momentum_buffer`) are saved under the parameter's canonical name with the state as prefix
-(`exp_avg/language_model.decoder.layers.0...`), in the rank folder next to the weights. Every DP rank
-writes what its own optimizer holds (a range of each flattened parameter with the distributed
-optimizer; DP rank 0 alone otherwise), with no collective and no gathered copy
-(`checkpoint/optimizer_parts.py`). Loading reads this rank's range of each parameter straight from
-the parts when the saved layout splits it the same way, and otherwise merges the saved TP shards into
-HF tensors (one tensor at a time) and cuts this rank's shard with the same mapping as the weights, so
-a run saved at one (TP, PP, DP) resumes at another with its moments.
+`momentum_buffer`) as flat views of the range this rank's optimizer holds (all of it, or a range of
+the flattened parameter with the distributed optimizer), under the parameter's canonical name; and
+Adam's step count wherever the optimizer keeps it. The checkpoint part that saves and loads them is
+`training/checkpoint_parts.OptimizerState`: saved under the state as prefix
+(`exp_avg/language_model.decoder.layers.0...`), one file per DP rank, no collective and no gathered
+copy; loaded through the weight mapping from any (TP, PP, DP) layout.
 """
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 
-from megatron_patch.checkpoint import CheckpointError
-from megatron_patch.checkpoint.optimizer_parts import OptimizerPartsReader, write_part
-from megatron_patch.checkpoint.reshard import ShardedCheckpoint, unwrap
 from megatron_patch.models.idefics2.layer_specs import module_to_canonical_name
-from megatron_patch.models.idefics2.model_loading import stage_mappings
+from megatron_patch.models.idefics2.model_loading import unwrap
 from megatron_patch.training.optimizer import sub_optimizers
 
 
@@ -121,7 +115,7 @@ def set_optimizer_step_count(optimizer, step: int) -> None:
                 holder["step"] = step
 
 
-def _trainable(model, opts) -> list:
+def trainable_parameters(model, opts) -> list:
     """(canonical local name, parameter) of this rank's trainable parameters, in a stable order."""
     named = [(module_to_canonical_name(n, opts.uses_transformer_engine()), p)
              for n, p in unwrap(model).named_parameters() if p.requires_grad]
@@ -133,46 +127,13 @@ def local_state_pieces(model, optimizer, opts, keys):
     holds, in a stable order (views into the optimizer's state: nothing is copied)."""
     views = param_state_views(optimizer, keys)
     pieces = []
-    for name, param in _trainable(model, opts):
+    for name, param in trainable_parameters(model, opts):
         start, end, tensors = views.get(param, (0, 0, {}))
         if end > start:
             pieces.append((name, start, end, tuple(param.shape), {k: tensors[k].detach() for k in keys}))
     return pieces
 
 
-def _sharded(optimizer) -> bool:
+def sharded(optimizer) -> bool:
+    """True with the distributed optimizer: each DP rank holds a range of each flattened parameter."""
     return any(hasattr(opt, "model_param_group_index_map") for opt in sub_optimizers(optimizer))
-
-
-def save_optimizer_state(rank_dir, model, optimizer, opts, keys) -> None:
-    """This rank's part of the optimizer state, written by this rank alone (no collective)."""
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    if _sharded(optimizer):
-        write_part(rank_dir, dp_rank, dp_size, local_state_pieces(model, optimizer, opts, keys))
-    elif dp_rank == 0:  # every DP rank holds the same whole shard
-        write_part(rank_dir, 0, 1, local_state_pieces(model, optimizer, opts, keys))
-
-
-@torch.no_grad()
-def load_optimizer_state(iteration_dir, model, optimizer, opts, keys) -> None:
-    """Fill this rank's optimizer state from a checkpoint saved at any layout."""
-    materialize_state(optimizer)
-    views = param_state_views(optimizer, keys)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    mappings = None
-    for key in keys:
-        source = ShardedCheckpoint(iteration_dir, prefix=f"{key}/", reader_class=OptimizerPartsReader)
-        if mappings is None:
-            mappings = stage_mappings(source.hf_config, opts, stage)
-        for name, param in _trainable(model, opts):
-            if param not in views:
-                continue  # distributed optimizer: no part of this parameter lives on this DP rank
-            start, end, tensors = views[param]
-            try:
-                part = source.shard_range(mappings[name], tp_rank, tp_size, start, end)
-            except CheckpointError as err:
-                raise CheckpointError(f"{err}; was {name} frozen when the checkpoint was saved? "
-                                      f"resume with --no-load-optim to start its optimizer state afresh") from None
-            tensors[key].copy_(part.to(tensors[key].dtype))

@@ -1,13 +1,14 @@
 """One iteration's work: micro-batches in, megatron-core's schedule, the guarded optimizer step.
 
-An iteration takes `num_microbatches` fixed-shape micro-batches from this DP rank's loader, runs
-megatron-core's schedule (1F1B when PP > 1) with the per-token loss (loss.py), takes the guarded
-optimizer step (optimizer.py) and steps the LR schedule; evaluation runs the same schedule forward only.
+An iteration runs megatron-core's schedule (1F1B when PP > 1) over `num_microbatches` fixed-shape
+micro-batches of this DP rank, each taken from the loader and finished as the schedule reaches it
+(micro_batches.py), with the per-token loss (loss.py); then the guarded optimizer step (optimizer.py)
+and the LR schedule's step. Evaluation runs the same schedule forward only, on the same path.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -16,43 +17,32 @@ from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patch.data.image_processing import normalise_pixels
-from megatron_patch.data.packing import packed_seq_params
 from megatron_patch.training import loss as loss_lib
-from megatron_patch.training.batch_transport import broadcast_count, distribute
-from megatron_patch.training.flops import BatchShapes
-from megatron_patch.training.optimizer import optimizer_step, params_gathered
+from megatron_patch.training.batch_transport import broadcast_count
+from megatron_patch.training.metrics import perplexity
+from megatron_patch.training.micro_batches import MicroBatchStream, micro_batches
+from megatron_patch.training.optimizer import StepResult, optimizer_step, params_gathered
 
 
 def forward_step(data_iterator, model):
-    """megatron-core forward step: per-token losses of one micro-batch and the loss function."""
-    batch = next(data_iterator)
-    packed = packed_seq_params(batch) if "cu_seqlens" in batch else None
-    output = model(batch["tokens"], batch["position_ids"], batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                   batch.get("image_mask"), labels=batch["labels"], packed_seq_params=packed)
-    return output, partial(_loss_func, batch["loss_mask"])
+    """megatron-core forward step: per-token losses of one micro-batch and the loss function. The
+    micro-batch is finished when taken (micro_batches.py): transport, pixels, counts."""
+    micro = next(data_iterator)
+    return model(**micro.inputs), partial(_loss_func, micro.loss_mask)
 
 
 def _loss_func(loss_mask, per_token_loss):
     return loss_lib.masked_loss_sum(per_token_loss, loss_mask)
 
 
-def run_schedule(ctx, batches: list, forward_only: bool) -> list:
-    """megatron-core's forward(-backward) over the micro-batches; loss reports on the last stage."""
+def run_schedule(ctx, micro: MicroBatchStream, forward_only: bool) -> list:
+    """megatron-core's forward(-backward) over the stream's micro-batches; loss reports on the last stage."""
+    schedule = ctx.settings.schedule
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[ctx.model],
-        num_microbatches=len(batches), seq_length=ctx.args.seq_length,
-        micro_batch_size=ctx.args.micro_batch_size, forward_only=forward_only,
+        forward_step_func=forward_step, data_iterator=micro, model=[ctx.model],
+        num_microbatches=micro.count, seq_length=schedule.seq_length,
+        micro_batch_size=schedule.micro_batch_size, forward_only=forward_only,
     )
-
-
-@dataclass
-class StepResult:
-    loss_sum: float
-    loss_tokens: float
-    grad_norm: float
-    updated: bool
-    loss_scale: float
 
 
 def sum_over_world(values: torch.Tensor) -> torch.Tensor:
@@ -62,46 +52,17 @@ def sum_over_world(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-@dataclass
-class MicroBatches:
-    batches: list  # this rank's share of each micro-batch, on its device
-    text_tokens: int  # non-pad tokens this rank loaded (0 on ranks that load nothing)
-    shapes: BatchShapes  # of what this rank loaded, for the FLOP count
-
-
-def next_batches(ctx, data_iter, count: int | None = None) -> MicroBatches:
-    """The next micro-batches: read on the loading rank, sent to the others (batch_transport)."""
-    count = get_num_microbatches() if count is None else count
-    batches, tokens = [], 0
-    shapes = BatchShapes(0, ctx.args.seq_length)
-    for _ in range(count):
-        raw = next(data_iter) if data_iter is not None else None
-        if raw is not None:
-            tokens += int(raw["attention_mask"].sum())
-            shapes = shapes + BatchShapes.from_batch(raw, ctx.hf_config.vision_config.patch_size)
-        batches.append(_float_pixels(distribute(raw, ctx.device)))
-    return MicroBatches(batches, tokens, shapes)
-
-
-def _float_pixels(batch: dict) -> dict:
-    """The loader's uint8 pixels (collate's ``raw_pixels``) normalised here, on the device."""
-    if "pixel_values" in batch:
-        batch["pixel_values"] = normalise_pixels(batch["pixel_values"], batch["pixel_attention_mask"],
-                                                 batch.pop("pixel_norm", None))
-    return batch
-
-
-def train_step(ctx, micro: MicroBatches) -> StepResult:
+def train_step(ctx, micro: MicroBatchStream) -> StepResult:
     """Zero grads, forward + backward over the micro-batches, guarded optimizer step, LR step."""
     ctx.model.zero_grad_buffer()
     ctx.optimizer.zero_grad()
-    reports = run_schedule(ctx, micro.batches, forward_only=False)
+    reports = run_schedule(ctx, micro, forward_only=False)
     loss_sum, tokens = loss_lib.reduce_loss(reports, ctx.device)
     loss_ok = math.isfinite(loss_lib.per_token(loss_sum, tokens)) or not parallel_state.is_pipeline_last_stage()
-    outcome = optimizer_step(ctx.optimizer, loss_ok, ctx.args.clip_grad, ctx.device)
-    if outcome.updated:
+    result = optimizer_step(ctx.optimizer, loss_ok, ctx.settings.schedule.clip_grad, ctx.device)
+    if result.updated:
         ctx.scheduler.step(increment=1)
-    return StepResult(loss_sum, tokens, outcome.grad_norm, outcome.updated, outcome.loss_scale)
+    return replace(result, loss_sum=loss_sum, loss_tokens=tokens)
 
 
 @torch.no_grad()
@@ -119,17 +80,16 @@ def _evaluate(ctx) -> dict:
         loader.load_state_dict({"consumed_samples": 0})
         data = iter(loader)
     steps = broadcast_count(loader.num_steps() if loader is not None else None, ctx.device)
-    if ctx.args.eval_iters:
-        steps = min(steps, ctx.args.eval_iters * get_num_microbatches())
+    if ctx.settings.schedule.eval_iters:
+        steps = min(steps, ctx.settings.schedule.eval_iters * get_num_microbatches())
     reports = []
     chunk = get_num_microbatches()
     for start in range(0, steps, chunk):
-        micro = next_batches(ctx, data, min(chunk, steps - start))
-        reports += run_schedule(ctx, micro.batches, forward_only=True)
+        reports += run_schedule(ctx, micro_batches(ctx, data, min(chunk, steps - start)), forward_only=True)
     if data is not None:
         data.close()
     ctx.model.train()
     loss_sum, tokens = loss_lib.reduce_loss(reports, ctx.device)
     loss = loss_lib.per_token(loss_sum, tokens)
-    return {"validation_loss": loss, "validation_ppl": math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss,
+    return {"validation_loss": loss, "validation_ppl": perplexity(loss),
             "validation_tokens": int(tokens)}

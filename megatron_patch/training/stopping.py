@@ -2,7 +2,7 @@
 (--exit-signal-handler, --exit-signal), the wall-clock budget (--exit-duration-in-mins) and
 --exit-interval. The loop asks after every iteration; a stop saves that iteration and exits 0.
 
-    with StopConditions(args, device, start_time) as stops:
+    with StopConditions(settings.schedule, device, start_time) as stops:
         ...
         reason = stops.check(iteration)   # collective when the signal or the duration is watched
 
@@ -19,13 +19,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_patch.training.settings import ScheduleSettings
+
 
 class StopConditions:
     """Installs the exit signal's handler for the loop's lifetime and decides when to stop."""
 
-    def __init__(self, args, device, start_time: float):
-        self.args, self.device, self.start_time = args, device, start_time
-        self.signum = signal.Signals[args.exit_signal] if args.exit_signal_handler else None
+    def __init__(self, schedule: ScheduleSettings, device, start_time: float):
+        self.schedule, self.device, self.start_time = schedule, device, start_time
+        self.signum = signal.Signals[schedule.exit_signal] if schedule.exit_signal else None
         self.received, self._previous = False, None
 
     def __enter__(self) -> "StopConditions":
@@ -45,7 +47,7 @@ class StopConditions:
 
     def check(self, iteration: int) -> Optional[str]:
         """Why training stops after `iteration`, or None; the same answer on every rank."""
-        duration = self.args.exit_duration_in_mins
+        duration = self.schedule.exit_duration_in_mins
         if self.signum is not None or duration is not None:
             flags = torch.tensor([self.received, duration is not None and self.minutes() > duration],
                                  dtype=torch.int32, device=self.device)
@@ -55,7 +57,7 @@ class StopConditions:
                 return f"received {self.signum.name}"
             if flags[1]:
                 return f"--exit-duration-in-mins {duration} reached ({self.minutes():.1f} minutes)"
-        interval = self.args.exit_interval
+        interval = self.schedule.exit_interval
         if interval and iteration % interval == 0:
             return f"--exit-interval {interval}"
         return None

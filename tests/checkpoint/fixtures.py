@@ -1,34 +1,27 @@
 """Tiny random checkpoints built offline: Idefics2 (HF), Llama-3 style LLM + tokenizer, SigLIP.
 
-Also loads the converter scripts (they live outside the package) as modules by path, and runs and
+Also gives the converter scripts as modules (`toolkits.model_checkpoints_convertor.*`), and runs and
 checks HF -> Megatron -> HF round trips.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from megatron_patch.models.idefics2.tiny import randomize_weights, tiny_idefics2_config
 from megatron_patch.models.idefics2.weight_mapping import hf_tensor_names
+from megatron_patch.testing.tiny import randomize_weights, tiny_idefics2_config
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "toolkits" / "model_checkpoints_convertor"
-_modules = {}
 
 
 def tool(relative: str):
     """A converter script as a module, e.g. tool('idefics2/hf2mcore.py').main([...])."""
-    if relative not in _modules:
-        path = TOOLS / relative
-        spec = importlib.util.spec_from_file_location(f"tool_{path.stem}_{path.parent.name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _modules[relative] = module
-    return _modules[relative]
+    return importlib.import_module("toolkits.model_checkpoints_convertor." + relative.removesuffix(".py").replace("/", "."))
 
 
 def idefics2_config(text: str, tied: bool = False, kv_heads: int | None = None):

@@ -7,8 +7,8 @@ from megatron_patch.checkpoint import load_model_weights, read_checkpoint_config
 from megatron_patch.checkpoint.config_files import HF_CONFIG_DIR
 from megatron_patch.models.idefics2.config import ParallelOptions
 from megatron_patch.models.idefics2.model import build_model
-from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
 from megatron_patch.platform import init_distributed
+from megatron_patch.testing.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
 
 
 def _load(mg_dir: str, tp: int, pp: int, iteration=None):

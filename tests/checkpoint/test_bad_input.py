@@ -9,10 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from megatron_patch.checkpoint import RELEASE, CheckpointError, read_tracker, write_tracker
 from megatron_patch.checkpoint.config_files import read_idefics2_config
-from megatron_patch.checkpoint.tooling import run_tool
-from tests.checkpoint.cli import assert_nothing_written, error_line, hf2mcore, mcore2hf
+from megatron_patch.conversion.tooling import run_tool
 from megatron_patch.models.idefics2.weight_mapping import HF_EMBED_TOKENS, HF_LM_HEAD
+from tests.checkpoint.cli import assert_nothing_written, error_line, hf2mcore, mcore2hf
 from tests.checkpoint.fixtures import assert_bit_exact, idefics2_config, round_trip, save_idefics2
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_corrupt_safetensors(good, tmp_path, capsys):
 
 def test_failure_mid_conversion_leaves_nothing(good, tmp_path, capsys, monkeypatch):
     """A read that fails after rank files were written (disk error, truncated copy): no trace left."""
-    from megatron_patch.checkpoint.hf_files import HFWeightsReader
+    from megatron_patch.conversion.hf_files import HFWeightsReader
 
     real_get, calls = HFWeightsReader.get, []
 

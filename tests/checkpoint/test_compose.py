@@ -7,6 +7,9 @@ import torch
 from tests.checkpoint.cli import compose
 from tests.checkpoint.fixtures import assert_bit_exact, hf_tensors, round_trip, save_llama, save_siglip
 
+pytestmark = pytest.mark.unit
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")

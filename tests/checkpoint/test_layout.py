@@ -20,7 +20,9 @@ from megatron_patch.checkpoint import (
     write_tracker,
 )
 from megatron_patch.checkpoint.layout import commit, parse_iteration, staging_path
-from megatron_patch.checkpoint.tooling import parse_size
+from megatron_patch.conversion.tooling import parse_size
+
+pytestmark = pytest.mark.unit
 
 
 def test_names_follow_megatron():

@@ -18,6 +18,9 @@ from safetensors import safe_open
 from tests.checkpoint.fixtures import REPO, TOOLS, idefics2_config, save_idefics2, tool
 from tests.checkpoint.cli import error_line, hf2mcore
 
+pytestmark = pytest.mark.e2e
+
+
 PARITY = TOOLS / "idefics2" / "check_hf_parity.py"
 
 

@@ -15,6 +15,9 @@ from tests.checkpoint import reshard_cases as cases
 from tests.checkpoint.fixtures import idefics2_config, save_idefics2, tool
 from tests.distributed_harness import run_distributed
 
+pytestmark = pytest.mark.distributed
+
+
 TOLERANCE = 1e-4
 
 

@@ -8,6 +8,9 @@ from megatron_patch.checkpoint import RELEASE, CheckpointInfo, read_tracker, res
 from megatron_patch.checkpoint.model_files import RankReader
 from tests.checkpoint.fixtures import assert_bit_exact, idefics2_config, round_trip, save_idefics2
 
+pytestmark = pytest.mark.unit
+
+
 VARIANTS = {
     "mistral": dict(text="mistral"),
     "llama": dict(text="llama"),

@@ -11,9 +11,12 @@ import pytest
 
 from megatron_patch.checkpoint import RELEASE, CheckpointError, ShardedCheckpoint
 from megatron_patch.checkpoint.model_files import RankReader, write_rank_tensors
-from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders
+from megatron_patch.checkpoint.verify import verify_rank_folders
+from megatron_patch.conversion.read_once import require_used_once
 from tests.checkpoint.cli import assert_nothing_written, compose, error_line, hf2mcore, mcore2hf
 from tests.checkpoint.fixtures import idefics2_config, save_idefics2, save_llama, save_siglip, tool
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

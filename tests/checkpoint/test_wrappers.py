@@ -8,6 +8,9 @@ import pytest
 
 from tests.checkpoint.fixtures import TOOLS, idefics2_config, save_idefics2
 
+pytestmark = pytest.mark.unit
+
+
 WRAPPERS = ["idefics2/model_convertor.sh", "idefics2/mg2hf.sh", "idefics2_llama3/model_convertor.sh"]
 
 

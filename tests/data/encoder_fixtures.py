@@ -1,7 +1,7 @@
 """Shared helpers for the encoder tests: the real Mistral tokenizer folder, HF references, images.
 
-Import explicitly (``from encoder_fixtures import ...`` after putting this folder on sys.path);
-the data folder's conftest.py belongs to the loader tests.
+Import explicitly (``from tests.data.encoder_fixtures import ...``); corpora.py holds the loader
+tests' corpora and shards.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from megatron_patch.data.chat import IDEFICS2_CHAT_TEMPLATE
 from megatron_patch.data.image_processing import ImageProcessingConfig
-from megatron_patch.data.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
+from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import webdataset as wds
-from conftest import TOOLKIT, build, good_corpus, llava_record, make_image, write_jsonl
 
 from megatron_patch.data.shards import ShardedDataset
+from tests.data.corpora import TOOLKIT, build, good_corpus, llava_record, make_image, write_jsonl
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture()

@@ -1,22 +1,21 @@
 """Chat format, token ids (vs transformers' Idefics2Processor) and label masking."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_fixtures import conversation, hf_parts, hf_processor, make_image, tokenizer, tokenizer_dir  # noqa: E402
-
-from megatron_patch.data.chat import (  # noqa: E402
+from megatron_patch.data.chat import (
     IDEFICS2_CHAT_TEMPLATE,
     ChatTokenizer,
     render_idefics2,
 )
-from megatron_patch.data.encoder import SampleEncoder, shift_and_truncate  # noqa: E402
-from megatron_patch.data.errors import SkipSample  # noqa: E402
-from megatron_patch.data.image_processing import ImageProcessingConfig  # noqa: E402
+from megatron_patch.data.encoder import SampleEncoder, shift_and_truncate
+from megatron_patch.data.errors import SkipSample
+from megatron_patch.data.image_processing import ImageProcessingConfig
+from tests.data.encoder_fixtures import conversation, hf_parts, hf_processor, make_image, tokenizer, tokenizer_dir
+
+pytestmark = pytest.mark.unit
+
 
 FAKE, IMAGE, EOU, PAD = 32000, 32001, 32002, 0
 
@@ -194,13 +193,15 @@ def test_settings_come_from_the_model_folder(tmp_path):
 def test_flags_build_the_encoder():
     import argparse
 
-    from megatron_patch.data.encoder import add_encoder_arguments, encoder_from_args
+    from megatron_patch.data.encoder import add_encoder_arguments, encoder_from_settings
+    from megatron_patch.data.loader import add_data_arguments
+    from megatron_patch.training.settings import data_settings
 
-    args = add_encoder_arguments(argparse.ArgumentParser()).parse_args(
+    args = add_encoder_arguments(add_data_arguments(argparse.ArgumentParser())).parse_args(
         ["--image-size", "224", "--shortest-edge", "30", "--image-splitting", "--no-answer-loss-only",
          "--image-seq-len", "8"])
-    args.seq_length = 128
-    encoder = encoder_from_args(args, tokenizer_dir())
+    args.seq_length, args.micro_batch_size, args.seed = 128, 1, 1234
+    encoder = encoder_from_settings(data_settings(args), tokenizer_dir())
     assert encoder.image_config.longest_edge == 224 and encoder.image_config.image_splitting
     assert encoder.image_config.shortest_edge == 30
     assert encoder.image_seq_len == 8 and not encoder.chat.answer_loss_only and encoder.seq_length == 128

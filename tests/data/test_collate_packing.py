@@ -1,17 +1,16 @@
 """Collated micro-batches (fixed shapes, padding, image masks) and sequence packing."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_fixtures import conversation, hf_parts, hf_processor, make_image, tokenizer_dir  # noqa: E402
+from megatron_patch.data.collate import Collator, collate
+from megatron_patch.data.encoder import SampleEncoder
+from megatron_patch.data.packing import SequencePacker, first_fit_decreasing, pack
+from tests.data.encoder_fixtures import conversation, hf_parts, hf_processor, make_image, tokenizer_dir
 
-from megatron_patch.data.collate import Collator, collate  # noqa: E402
-from megatron_patch.data.encoder import SampleEncoder  # noqa: E402
-from megatron_patch.data.packing import SequencePacker, first_fit_decreasing, pack, packed_seq_params  # noqa: E402
+pytestmark = pytest.mark.unit
+
 
 SEQ, IMAGE_SEQ_LEN, FAKE, IMAGE = 96, 4, 32000, 32001
 
@@ -37,7 +36,7 @@ def test_collate_shapes_padding_and_pixels(splitting):
     encoder = _encoder(splitting)
     records = _records()
     samples = [encoder.encode(r, imgs) for r, imgs in records]
-    batch = Collator(SEQ, encoder.pad_token_id)(samples)
+    batch = Collator(SEQ, encoder.pad_token_id, image_token_id=IMAGE)(samples)
     crops = 5 if splitting else 1
     B = len(samples)
 
@@ -51,7 +50,11 @@ def test_collate_shapes_padding_and_pixels(splitting):
         assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (SEQ - n)
         # What the model checks: one image_seq_len block of <image> tokens per real vision input.
         assert int((batch["tokens"][b] == IMAGE).sum()) == int(batch["image_mask"][b].sum()) * IMAGE_SEQ_LEN
+        assert batch["image_tokens"][b] == int((batch["tokens"][b] == IMAGE).sum())  # counted on the host
     assert "cu_seqlens" not in batch
+    # Each real vision input's (h, w), in image_mask order: its pixels are the real ones of pixel_attention_mask.
+    real_masks = batch["pixel_attention_mask"][batch["image_mask"]]
+    assert [(int(m.any(1).sum()), int(m.any(0).sum())) for m in real_masks] == batch["image_sizes"]
 
     assert batch["image_mask"].tolist() == [[True] * 2 * crops, [False] * 2 * crops, [True] * crops + [False] * crops]
     assert batch["num_images"].tolist() == [2 * crops, 0, crops]
@@ -133,10 +136,10 @@ def test_packed_batch_fields_and_attention_never_crosses_samples():
         same = segment[b][:, None] == segment[b][None, :]
         truth = torch.tensor(sample_of[b])[:, None] == torch.tensor(sample_of[b])[None, :]
         assert torch.equal(same, truth)
-
-    params = packed_seq_params(batch)
-    assert params.qkv_format == "thd" and params.max_seqlen_q == 16
-    assert torch.equal(params.cu_seqlens_q, batch["cu_seqlens"]) and torch.equal(params.cu_seqlens_kv, batch["cu_seqlens"])
+    # Sizes as Python ints, so that nobody downstream reads a device tensor to learn them.
+    assert isinstance(batch["max_seqlen"], int)
+    assert batch["image_sizes"] == [(2, 2)] * 6 and "image_tokens" not in batch  # no <image> id given
+    assert collate(rows, seq, pad_token_id=0, image_token_id=2)["image_tokens"] == [7, 0, 0]
 
 
 def test_packing_real_encoded_samples_keeps_model_invariants():
@@ -176,9 +179,13 @@ def test_raw_pixels_normalised_later_equal_the_float_batch(splitting, ops):
     assert raw.keys() - floats.keys() == {"pixel_norm"}
     for key in floats:
         if key != "pixel_values":
-            assert torch.equal(raw[key], floats[key]), key
+            same = torch.equal(raw[key], floats[key]) if torch.is_tensor(raw[key]) else raw[key] == floats[key]
+            assert same, key
     pixels = normalise_pixels(raw["pixel_values"], raw["pixel_attention_mask"], raw["pixel_norm"])
     assert pixels.dtype == torch.float32 and torch.equal(pixels, floats["pixel_values"])
+    # Straight to a model dtype: the float32 numbers, cast once.
+    half = normalise_pixels(raw["pixel_values"], raw["pixel_attention_mask"], raw["pixel_norm"], torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, floats["pixel_values"].to(torch.bfloat16))
 
     text_only = Collator(SEQ, encoder.pad_token_id, raw_pixels=True)([samples[1]])
     assert "pixel_norm" not in text_only

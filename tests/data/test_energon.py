@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +23,6 @@ from PIL import Image
 energon = pytest.importorskip(
     "megatron.energon", reason="megatron-energon is not installed (pip install 'megatron_patch[energon]')")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, build, good_corpus  # noqa: E402
-from encoder_fixtures import tokenizer_dir  # noqa: E402
-
 from megatron_patch.data.collate import collate  # noqa: E402
 from megatron_patch.data.datasets import open_dataset  # noqa: E402
 from megatron_patch.data.encoder import SampleEncoder  # noqa: E402
@@ -35,6 +30,11 @@ from megatron_patch.data.energon import EnergonDataset, chat_cooker  # noqa: E40
 from megatron_patch.data.errors import BadSample, ShardIndexError  # noqa: E402
 from megatron_patch.data.loader import ResumableLoader  # noqa: E402
 from megatron_patch.data.shards import ShardedDataset  # noqa: E402
+from tests.data.corpora import REPO, build, good_corpus  # noqa: E402
+from tests.data.encoder_fixtures import tokenizer_dir  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
 
 ROLES = {"human": "user", "gpt": "assistant"}
 
@@ -111,7 +111,7 @@ def test_both_readers_agree_and_open_dataset_picks_ours(ours, tmp_path):
 
 
 def test_prepare_refuses_to_redo_unless_asked(ours, tmp_path):
-    import energon_prepare
+    from toolkits.pretrain_data_preprocessing import energon_prepare
 
     copy = str(tmp_path / "again")
     shutil.copytree(ours, copy)
@@ -233,7 +233,7 @@ def test_resumable_loader_trains_on_an_energon_dataset(llava):
     assert len(batches) == 3
     for batch in batches:
         assert batch["tokens"].shape == (2, seq) and batch["loss_mask"].sum() > 0
-    stats = batches[-1]["data_stats"]
+    stats = loader.snapshot()  # after the last batch
     assert stats["seen"] == 6 and stats["bad"] == 0 and stats["dropped"] == 0
 
 
@@ -267,7 +267,7 @@ def test_damaged_members_are_bad_samples_counted_not_fatal(llava, tmp_path):
                              total_samples=6, max_bad_sample_fraction=1.0)
     batch = next(iter(loader))
     assert not {"004539376", "004539378"} & set(batch["ids"])
-    stats = batch["data_stats"]
+    stats = loader.snapshot()
     assert stats["by_reason"] == {"bad_json": 1, "corrupt_tar_member": 1} and stats["bad"] == 2
 
 

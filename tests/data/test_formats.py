@@ -2,9 +2,11 @@
 import json
 
 import pytest
-from conftest import llava_record, write_jsonl
 
 from megatron_patch.data import formats as F
+from tests.data.corpora import llava_record, write_jsonl
+
+pytestmark = pytest.mark.unit
 
 
 def sharegpt_record(rid="s1", images=("a.jpg",)):
@@ -98,7 +100,7 @@ def test_forced_format_and_max_image_num():
 
 
 def test_converter_validate_only_and_output(tmp_path, capsys):
-    import data_converter
+    from toolkits.pretrain_data_preprocessing import data_converter
 
     records = [llava_record("ok1", ["a.jpg"]), sharegpt_record("ok2"), '{"broken json',
                {"id": "empty1", "conversations": []}, {"id": "empty2", "conversations": []},

@@ -1,23 +1,22 @@
 """Idefics2 image processing equals transformers' Idefics2ImageProcessor, bit for bit."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_fixtures import hf_image_processor, make_image  # noqa: E402
-
-from megatron_patch.data.errors import SkipSample  # noqa: E402
-from megatron_patch.data.image_processing import (  # noqa: E402
+from megatron_patch.data.errors import SkipSample
+from megatron_patch.data.image_processing import (
     Idefics2ImageTransform,
     ImageProcessingConfig,
     pad_images,
     resized_size,
 )
+from tests.data.encoder_fixtures import hf_image_processor, make_image
+
+pytestmark = pytest.mark.unit
+
 
 # Sizes chosen to hit every branch of the resize rule: landscape / portrait / square, larger and
 # smaller than longest_edge, sides below shortest_edge, odd sizes for the split midpoints.

@@ -1,18 +1,19 @@
-"""Megatron-style flags -> build_train_valid_loaders: blend quotas, ordered validation, packing flags."""
+"""Megatron-style flags -> DataSettings (training.settings.data_settings) -> build_train_valid_loaders:
+blend quotas, ordered validation, packing flags."""
 import argparse
 import functools
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_fixtures import tokenizer_dir  # noqa: E402
+from megatron_patch.data.collate import Collator, collate
+from megatron_patch.data.encoder import add_encoder_arguments, encoder_from_settings
+from megatron_patch.data.loader import add_data_arguments, build_train_valid_loaders
+from megatron_patch.training.settings import data_settings
+from tests.data.encoder_fixtures import tokenizer_dir
 
-from megatron_patch.data.collate import Collator, collate  # noqa: E402
-from megatron_patch.data.encoder import add_encoder_arguments, encoder_from_args  # noqa: E402
-from megatron_patch.data.loader import add_data_arguments, build_train_valid_loaders  # noqa: E402
+pytestmark = pytest.mark.unit
+
 
 SEQ = 64
 
@@ -32,9 +33,9 @@ def collate_with_ids(samples, pad_token_id):
 
 
 def loaders(argv, make_collate=lambda pad: functools.partial(collate_with_ids, pad_token_id=pad)):
-    args = parse(argv)
-    encoder = encoder_from_args(args, tokenizer_dir())
-    return build_train_valid_loaders(args, encoder, make_collate(encoder.pad_token_id), dp_rank=0, dp_size=1)
+    settings = data_settings(parse(argv))
+    encoder = encoder_from_settings(settings, tokenizer_dir())
+    return build_train_valid_loaders(settings, encoder, make_collate(encoder.pad_token_id), dp_rank=0, dp_size=1)
 
 
 def ids(loader, steps):

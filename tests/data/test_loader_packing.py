@@ -1,18 +1,17 @@
 """Loader with --pack-sequences: fixed-shape packed micro-batches, every sample once, exact resume."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_fixtures import tokenizer_dir  # noqa: E402
+from megatron_patch.data.collate import collate
+from megatron_patch.data.encoder import SampleEncoder
+from megatron_patch.data.loader import ResumableLoader, decode_image
+from megatron_patch.data.packing import ResumablePacker, SequencePacker
+from tests.data.encoder_fixtures import tokenizer_dir
 
-from megatron_patch.data.collate import collate  # noqa: E402
-from megatron_patch.data.encoder import SampleEncoder  # noqa: E402
-from megatron_patch.data.loader import ResumableLoader, decode_image  # noqa: E402
-from megatron_patch.data.packing import ResumablePacker, SequencePacker  # noqa: E402
+pytestmark = pytest.mark.unit
+
 
 SEQ, MBS, BUFFER, SEED = 64, 2, 10, 31  # encoded samples are 13-29 tokens: 2-4 per row
 COMPARED = ("ids", "tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "pixel_values",

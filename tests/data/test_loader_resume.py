@@ -12,6 +12,9 @@ from megatron_patch.data.errors import DataQualityError, ShardIndexError, SkipSa
 from megatron_patch.data.loader import ResumableLoader
 from megatron_patch.data.shards import ShardedDataset, sidecar_path
 
+pytestmark = pytest.mark.unit
+
+
 MBS = 2
 SEED = 77
 
@@ -122,7 +125,8 @@ def test_resume_matrix(damaged, reference, dp, workers):
 def test_skipped_samples_are_substituted_and_counted(damaged, reference):
     assert not {"A-4", "A-10", "B-3"} & set(reference)  # bad samples never reach a batch
     loader = make(damaged, micro_batch_size=60)
-    stats = next(iter(loader))["data_stats"]
+    next(iter(loader))
+    stats = loader.snapshot()
     assert stats["substituted"] >= 1 and stats["dropped"] == 0
     # Damaged data counts as bad; the encoder's own skips are counted apart (policy, not damage).
     reasons = stats["by_reason"]
@@ -171,8 +175,8 @@ def test_training_time_corruption_counted_then_fatal(shard_dirs, tmp_path):
                              num_substitutes=0, max_bad_sample_fraction=0.5)
     it = iter(loader)
     batch = next(it)
+    stats = loader.snapshot()  # the counters as the batch was yielded
     it.close()
-    stats = batch["data_stats"]
     # The micro-batch keeps its shape: each dropped slot is an all-pad row with no id.
     assert len(batch["ids"]) == n and batch["ids"].count("") == 3 and stats["dropped"] == 3
     assert stats["seen"] == n and stats["bad"] == 3

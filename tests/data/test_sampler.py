@@ -11,6 +11,8 @@ from megatron_patch.data.permutation import KeyedPermutation, permute
 from megatron_patch.data.sampler import (DistributedSampler, GlobalOrder, blend_quotas,
                                          parse_data_path)
 
+pytestmark = pytest.mark.unit
+
 
 def test_parse_data_path():
     assert parse_data_path(["a", "b"]) == (["a", "b"], None)

@@ -6,26 +6,25 @@ import json
 import os
 import re
 import shutil
-import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import fsspec
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import build, good_corpus  # noqa: E402
-from encoder_fixtures import tokenizer_dir  # noqa: E402
+from megatron_patch.data.collate import collate
+from megatron_patch.data.encoder import SampleEncoder
+from megatron_patch.data.errors import BadSample, ShardIndexError
+from megatron_patch.data.loader import ResumableLoader
+from megatron_patch.data.shards import INDEX_FILE, ShardedDataset, sidecar_path
+from megatron_patch.training.arguments import ArgumentError, _check_data_paths, build_parser
+from tests.data.corpora import build, good_corpus
+from tests.data.encoder_fixtures import tokenizer_dir
 
-from megatron_patch.data.collate import collate  # noqa: E402
-from megatron_patch.data.encoder import SampleEncoder  # noqa: E402
-from megatron_patch.data.errors import BadSample, ShardIndexError  # noqa: E402
-from megatron_patch.data.loader import ResumableLoader  # noqa: E402
-from megatron_patch.data.shards import INDEX_FILE, ShardedDataset, sidecar_path  # noqa: E402
-from megatron_patch.training.arguments import ArgumentError, _check_data_paths, build_parser  # noqa: E402
+pytestmark = pytest.mark.unit
+
 
 SEQ, MBS, SEED = 64, 2, 5
 
@@ -208,10 +207,12 @@ def batches(url, encoder, workers, steps=4):
                              pad_token_id=encoder.pad_token_id), micro_batch_size=MBS, seed=SEED,
                              num_workers=workers)
     it = iter(loader)
-    out = [next(it) for _ in range(steps)]
+    out = []
+    for _ in range(steps):  # each batch with the loader's counters as it was yielded
+        out.append({**next(it), "stats": loader.snapshot()})
     it.close()
     for b in out:  # counters name shards by location; compare the counts only
-        b["data_stats"] = {k: v for k, v in b["data_stats"].items() if k != "by_shard"}
+        b["stats"] = {k: v for k, v in b["stats"].items() if k != "by_shard"}
     return out
 
 

@@ -4,24 +4,23 @@ The shards are the conftest's (built by our tool); the encoder upsizes their sma
 Idefics2's shortest edge of 378 px, so every vision input (~570 KB uint8) is above ``SHM_MIN_BYTES``.
 """
 import pickle
-import sys
 from multiprocessing.reduction import ForkingPickler
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions on ForkingPickler)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_fixtures import tokenizer_dir  # noqa: E402
+from megatron_patch.data.collate import Collator
+from megatron_patch.data.encoder import SampleEncoder
+from megatron_patch.data.image_processing import PendingImage
+from megatron_patch.data.loader import ResumableLoader
+from megatron_patch.data.worker_transport import SHM_MIN_BYTES, from_wire, to_wire
+from megatron_patch.data.packing import ResumablePacker
+from tests.data.encoder_fixtures import tokenizer_dir
 
-from megatron_patch.data.collate import Collator  # noqa: E402
-from megatron_patch.data.encoder import SampleEncoder  # noqa: E402
-from megatron_patch.data.image_processing import PendingImage  # noqa: E402
-from megatron_patch.data.loader import ResumableLoader  # noqa: E402
-from megatron_patch.data.worker_transport import SHM_MIN_BYTES, from_wire, to_wire  # noqa: E402
-from megatron_patch.data.packing import ResumablePacker  # noqa: E402
+pytestmark = pytest.mark.unit
+
 
 SEQ, MBS, SEED = 128, 2, 5
 

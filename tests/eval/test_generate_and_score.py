@@ -15,12 +15,17 @@ import pytest
 from PIL import Image
 from rouge_score import rouge_scorer
 
+from toolkits.eval import generate_and_score as gas
+
+pytestmark = pytest.mark.e2e
+
+
 REPO = Path(__file__).resolve().parents[2]
 EVAL_SH = REPO / "toolkits" / "eval" / "eval_all_checkpoints.sh"
 
 
 def load_script(relative: str):
-    """A script of the repo as a module (the toolkits are not packages)."""
+    """A script of the repo as a module (examples/ is not a package)."""
     path = REPO / relative
     spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -29,7 +34,6 @@ def load_script(relative: str):
     return module
 
 
-gas = load_script("toolkits/eval/generate_and_score.py")
 shapes = load_script("examples/idefics2/make_shapes_dataset.py")
 
 
@@ -112,8 +116,9 @@ def test_shapes_dataset_is_deterministic_truthful_and_held_out(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "hf"
-    load_script("toolkits/model_checkpoints_convertor/idefics2/make_tiny_checkpoint.py").main(
-        ["--save-path", str(path), "--tokenizer", "mistral"])
+    from toolkits.model_checkpoints_convertor.idefics2 import make_tiny_checkpoint
+
+    make_tiny_checkpoint.main(["--save-path", str(path), "--tokenizer", "mistral"])
     return path
 
 
@@ -181,7 +186,8 @@ def test_generate_json_and_shards(tiny_hf, eval_data, batch4, tmp_path, capsys):
                         "--batch-size", "1", capsys=capsys)
     assert [p["prediction"] for p in preds1] == [p["prediction"] for p in preds4]
 
-    build_webdataset = load_script("toolkits/pretrain_data_preprocessing/build_webdataset.py")
+    from toolkits.pretrain_data_preprocessing import build_webdataset
+
     shard_dir = tmp_path / "shards"
     build_webdataset.main(["--input", str(root / "eval.jsonl"), "--image-folder", str(root / "images"),
                            "--output-dir", str(shard_dir), "--samples-per-shard", "3", "--workers", "1",
@@ -283,7 +289,8 @@ def test_eval_all_checkpoints_order_and_table(tmp_path, eval_data):
 def test_eval_all_checkpoints_runs(tmp_path, tiny_hf, eval_data, batch4):
     root, good_ids = eval_data
     mg = tmp_path / "mg"
-    hf2mcore = load_script("toolkits/model_checkpoints_convertor/idefics2/hf2mcore.py")
+    from toolkits.model_checkpoints_convertor.idefics2 import hf2mcore
+
     assert hf2mcore.main(["--load-path", str(tiny_hf), "--save-path", str(mg)]) == 0
     # hf2mcore writes release/ only; a training save is an iter_ folder with its number in the info file.
     shutil.copytree(mg / "release", mg / "iter_0000007")

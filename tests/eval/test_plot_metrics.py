@@ -1,22 +1,20 @@
 """toolkits/eval/plot_metrics.py: a PNG from a metrics JSONL; one-line errors with exit status 1."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
+from toolkits.eval import plot_metrics
+
+pytestmark = pytest.mark.unit
+
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "toolkits", "eval", "plot_metrics.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_metrics(path, with_validation=True, with_training=True):
@@ -34,7 +32,7 @@ def write_metrics(path, with_validation=True, with_training=True):
 def test_png_written_next_to_input(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
     write_metrics(metrics)
-    assert load_script().main([str(metrics)]) == 0
+    assert plot_metrics.main([str(metrics)]) == 0
     png = tmp_path / "loss.png"
     assert capsys.readouterr().out.strip() == str(png)
     with Image.open(png) as image:
@@ -47,7 +45,7 @@ def test_output_flag_and_training_only(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     write_metrics(metrics, with_validation=False)
     out = tmp_path / "figures" / "run.png"
-    assert load_script().main([str(metrics), "--output", str(out)]) == 0
+    assert plot_metrics.main([str(metrics), "--output", str(out)]) == 0
     with Image.open(out) as image:
         assert image.size[0] > 100
 
@@ -55,7 +53,7 @@ def test_output_flag_and_training_only(tmp_path):
 def test_no_training_records_is_one_line_error(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
     write_metrics(metrics, with_training=False)
-    assert load_script().main([str(metrics)]) == 1
+    assert plot_metrics.main([str(metrics)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("plot_metrics: error: ") and "no training records" in err
     assert err.count("\n") == 1

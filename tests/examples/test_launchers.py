@@ -11,6 +11,9 @@ import pytest
 
 from megatron_patch.training.arguments import build_parser
 
+pytestmark = pytest.mark.unit
+
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "idefics2"
 ENTRY = EXAMPLES / "pretrain_megatron_idefics2.py"
@@ -20,7 +23,7 @@ FINETUNE = ["finetune_idefics2.sh", "finetune_idefics2_llama3.sh"]
 SETTINGS = """NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP PP SP MBS GBS SEQ_LEN TRAIN_ITERS LR MIN_LR
     WARMUP_ITERS LR_DECAY_STYLE LR_DECAY_ITERS LOAD SAVE SAVE_INTERVAL FINETUNE AUTO_RESUME DATA_PATH VALID_DATA_PATH
     EVAL_INTERVAL EVAL_ITERS NUM_WORKERS FREEZE ANSWER_LOSS_ONLY DIST_FLAGS LOG_INTERVAL TENSORBOARD_DIR SCRIPT
-    REPO OVERLAP CUDA_DEVICE_MAX_CONNECTIONS EXIT_SIGNAL SAVE_TOTAL_LIMIT""".split()
+    REPO OVERLAP CUDA_DEVICE_MAX_CONNECTIONS EXIT_SIGNAL SAVE_TOTAL_LIMIT ASYNC_SAVE""".split()
 
 
 @pytest.fixture
@@ -111,6 +114,13 @@ def test_validation_set_extra_flags_and_overrides(paths, tmp_path):
 def test_overlap_can_be_turned_off(paths):
     _, args = dry("pretrain_idefics2.sh", paths, OVERLAP=0)
     assert args.use_distributed_optimizer and not (args.overlap_grad_reduce or args.overlap_param_gather)
+
+
+def test_async_save_and_retention_reach_the_entry_point(paths):
+    _, args = dry("pretrain_idefics2.sh", paths, ASYNC_SAVE=1, SAVE_TOTAL_LIMIT=3)
+    assert args.async_save and args.save_total_limit == 3
+    _, args = dry("pretrain_idefics2.sh", paths)
+    assert not args.async_save and args.save_total_limit is None
 
 
 def test_torchrun_runs_with_one_cuda_connection(paths, tmp_path):

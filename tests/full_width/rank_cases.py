@@ -15,18 +15,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_patch.checkpoint.hf_files import HFWeightsReader
 from megatron_patch.checkpoint.safetensors_io import release_freed_memory
+from megatron_patch.conversion.hf_files import HFWeightsReader
 from megatron_patch.models.idefics2.config import ParallelOptions
 from megatron_patch.models.idefics2.layer_specs import module_to_canonical_name
 from megatron_patch.models.idefics2.model import build_model
 from megatron_patch.models.idefics2.model_loading import load_hf_weights, stage_mappings
-from megatron_patch.models.idefics2.parity import megatron_outputs
 from megatron_patch.models.idefics2.weight_mapping import hf_to_mcore
 from megatron_patch.platform import init_distributed
+from megatron_patch.testing.parity import megatron_outputs
 from megatron_patch.training.loss import masked_loss_sum
 from tests.full_width.reference import batch
-from tests.idefics2_cases import _shifted
+from tests.models.idefics2_cases import _shifted
 from tests.planning_cases import optimizer_args
 
 SGD_LR = 1.0

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.checkpoint.hf_files import HFShardWriter
 from megatron_patch.checkpoint.safetensors_io import release_freed_memory
-from megatron_patch.models.idefics2.parity import random_inputs
+from megatron_patch.conversion.hf_files import HFShardWriter
 from megatron_patch.models.idefics2.reference_configs import depth_cut, reference_config
+from megatron_patch.testing.parity import random_inputs
 
 DEPTH = dict(vision_layers=1, perceiver_depth=1, text_layers=2)
 IMAGE_PX = 56  # images of at most 4 x 4 patches: every width is real, the batch stays CPU-sized

@@ -9,7 +9,6 @@ import atexit
 import functools
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,18 +16,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = REPO / "toolkits" / "model_checkpoints_convertor" / "idefics2"
-DATA_TOOLS = REPO / "toolkits" / "pretrain_data_preprocessing"
 SEQ_LENGTH = 64
-
-
-def _tool(path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"training_fixture_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(root: Path, name: str, n: int, text_only_every: int = 2, seed: int = 0) -> Path:
@@ -57,9 +45,7 @@ def _records(root: Path, name: str, n: int, text_only_every: int = 2, seed: int 
 
 
 def _shards(root: Path, name: str, n: int, **kw) -> Path:
-    if str(DATA_TOOLS) not in sys.path:
-        sys.path.insert(0, str(DATA_TOOLS))
-    import build_webdataset
+    from toolkits.pretrain_data_preprocessing import build_webdataset
 
     records = _records(root, name, n, **kw)
     out = root / f"{name}_shards"
@@ -73,11 +59,12 @@ def training_inputs() -> dict:
     """{"hf": HF folder, "mg": Megatron folder (release, TP1 x PP1), "train": shards, "valid": shards}."""
     root = Path(tempfile.mkdtemp(prefix="idefics2_train_"))
     atexit.register(shutil.rmtree, root, True)
+    from toolkits.model_checkpoints_convertor.idefics2 import hf2mcore, make_tiny_checkpoint
+
     hf, mg = root / "hf", root / "mg"
-    _tool(TOOLS / "make_tiny_checkpoint.py").main(["--save-path", str(hf), "--tokenizer", "mistral"])
-    _tool(TOOLS / "hf2mcore.py").main(["--load-path", str(hf), "--save-path", str(mg),
-                                       "--target-tensor-model-parallel-size", "1",
-                                       "--target-pipeline-model-parallel-size", "1"])
+    make_tiny_checkpoint.main(["--save-path", str(hf), "--tokenizer", "mistral"])
+    hf2mcore.main(["--load-path", str(hf), "--save-path", str(mg), "--target-tensor-model-parallel-size", "1",
+                   "--target-pipeline-model-parallel-size", "1"])
     return {"root": root, "hf": hf, "mg": mg, "train": _shards(root, "train", 48), "valid": _shards(root, "valid", 10, seed=1)}
 
 

@@ -124,7 +124,7 @@ def model_weights(flags: list) -> dict | None:
     """Train with `flags`, then the model's weights, HF-named, on rank 0."""
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.checkpoint.reshard import unwrap
+    from megatron_patch.models.idefics2.model_loading import unwrap
     from megatron_patch.models.idefics2.model_loading import local_tensors
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training

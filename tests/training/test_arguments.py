@@ -22,12 +22,15 @@ from megatron_patch.training.arguments import (
 from tests.checkpoint.cli import hf2mcore
 from tests.checkpoint.fixtures import save_idefics2
 
+pytestmark = pytest.mark.unit
+
+
 VOCAB, FAKE, IMAGE = 32003, 32000, 32001  # the Mistral tokenizer + Idefics2's added tokens
 
 
 def _config(vocab_size=VOCAB, image_token_id=IMAGE):
     """The tiny Idefics2 with the real tokenizer's vocabulary and image token ids."""
-    from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
+    from megatron_patch.testing.tiny import tiny_idefics2_config
 
     config = tiny_idefics2_config("mistral", image_token_id=image_token_id, fake_image_token_id=FAKE)
     config.text_config.vocab_size = vocab_size
@@ -43,7 +46,7 @@ def _light_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def paths(tmp_path_factory):
     """Every folder the cases name: model configs (good and bad), checkpoints (good and bad), data dirs."""
-    from megatron_patch.data.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
+    from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
 
     root = tmp_path_factory.mktemp("arguments")
     tok = build_idefics2_tokenizer_dir(mistral_tokenizer_model_path(), root / "tokenizer")

@@ -8,8 +8,11 @@ import shutil
 import pytest
 
 from tests.distributed_harness import run_distributed
-from tests.training.fixtures import DATA_TOOLS, _tool, train_flags, training_inputs
+from tests.training.fixtures import train_flags, training_inputs
 from tests.training.runs import by_iteration, train
+from toolkits.pretrain_data_preprocessing import energon_prepare
+
+pytestmark = pytest.mark.distributed
 
 
 def _expect_reader(kind: str, ctx):
@@ -41,7 +44,7 @@ def test_an_energon_prepared_folder_trains_like_ours(tmp_path):
     inputs = training_inputs()
     energon = tmp_path / "energon"
     shutil.copytree(inputs["train"], energon)
-    _tool(DATA_TOOLS / "energon_prepare.py").main([str(energon)])
+    energon_prepare.main([str(energon)])
     (energon / "index.json").unlink()  # now only energon's metadata describes the tars
     for sidecar in energon.glob("*.idx.json"):
         sidecar.unlink()

@@ -5,9 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
 from tests.training.runs import train
+
+pytestmark = pytest.mark.e2e
+
 
 ENTRY = str(REPO / "examples" / "idefics2" / "pretrain_megatron_idefics2.py")
 

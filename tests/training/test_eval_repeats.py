@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import train_flags, training_inputs
 from tests.training.runs import train, validation
+
+pytestmark = pytest.mark.distributed
 
 
 def test_every_periodic_evaluation_covers_the_whole_validation_set(tmp_path):

@@ -15,9 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText
 
 from megatron_patch.data.collate import collate
-from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
+from megatron_patch.testing.tiny import tiny_idefics2_config
 from megatron_patch.training import flops
 from megatron_patch.training.flops import BatchShapes
+
+pytestmark = pytest.mark.unit
+
 
 RTOL = 0.01
 

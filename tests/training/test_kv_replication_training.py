@@ -17,6 +17,9 @@ from tests.distributed_harness import DistributedError, run_distributed
 from tests.training.fixtures import train_flags, training_inputs
 from tests.training.runs import by_iteration, loaded_optimizer_state, saved_optimizer_state, train
 
+pytestmark = pytest.mark.distributed
+
+
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 KV = [f"connector.perceiver.layers.{i}.self_attention.linear_kv.weight" for i in range(2)]
 ITERS = 5
@@ -73,7 +76,7 @@ def _assert_copies_identical(iteration_dir, tp):
     for name in KV:
         weights = ShardedCheckpoint(iteration_dir).mcore_shards(0, name)
         assert len(weights) == tp and all(torch.equal(w, weights[0]) for w in weights), name
-    # Merging refuses copies that differ (tests/test_perceiver_kv_replication.py), so this reads
+    # Merging refuses copies that differ (tests/models/test_perceiver_kv_replication.py), so this reads
     # each moment of the copies only if they are equal on every rank.
     state = saved_optimizer_state(iteration_dir, KEYS)
     k_proj = "model.connector.perceiver_resampler.layers.0.self_attn.k_proj.weight"

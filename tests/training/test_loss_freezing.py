@@ -18,6 +18,9 @@ from tests.distributed_harness import DistributedError, run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
 from tests.training.runs import by_iteration, model_weights, train, validation
 
+pytestmark = pytest.mark.e2e
+
+
 SGD_STEP = ["--optimizer", "sgd", "--sgd-momentum", "0", "--weight-decay", "0", "--clip-grad", "0",
             "--lr", "1.0", "--min-lr", "1.0", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
             "--answer-loss-only"]
@@ -172,9 +175,9 @@ def test_too_many_nan_steps_stop_training_with_checkpoint_intact(tmp_path):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from megatron_patch.checkpoint import layout, safetensors_io, saving
+from megatron_patch.checkpoint import commit as protocol, layout, safetensors_io
 where = sys.argv[1]
-original_write, original_commit = safetensors_io.write_safetensors, saving.commit
+original_write, original_commit = safetensors_io.write_safetensors, protocol.commit
 def write(path, tensors, metadata=None):
     if "iter_0000002" in str(path):
         with open(path, "wb") as f:
@@ -189,7 +192,7 @@ if where == "write":
     from megatron_patch.checkpoint import model_files
     model_files.write_safetensors = write
 else:
-    saving.commit = commit
+    protocol.commit = commit
 from tests.training.runs import train
 train(sys.argv[2:])
 """

@@ -11,12 +11,14 @@ from megatron_patch.training.metrics import (
     TRAINING_KEYS, VALIDATION_KEYS, MetricsFileError, MetricsWriter, read_metrics,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def training_record(iteration: int, loss: float = 3.456789, mfu=None) -> dict:
     values = dict(
         iteration=iteration, consumed_samples=8 * iteration, lm_loss=loss, grad_norm=1.2345, lr=1e-4,
         loss_scale=1.0, skipped_iterations=0, nan_iterations=0, bad_samples=0, tokens_per_second=1234.5,
-        tflops_per_device=1.234, mfu=mfu,
+        tflops_per_device=1.234, mfu=mfu, elapsed_ms_per_iteration=812.25, time_left_seconds=3725.4,
     )
     assert tuple(values) == TRAINING_KEYS
     return values
@@ -39,7 +41,8 @@ def test_jsonl_written_and_read_back(tmp_path, capsys):
     assert [json.loads(line) for line in path.read_text().splitlines()][:3] == records
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (
-        " iteration        1/     100 | consumed samples:            8 | lm loss: 3.456789E+00 | grad norm: 1.234"
+        " iteration        1/     100 | consumed samples:            8 | elapsed time per iteration (ms): 812.2"
+        " | time left: 1:02:05 | lm loss: 3.456789E+00 | grad norm: 1.234"
         " | lr: 1.000000E-04 | loss scale: 1.0 | skipped: 0 | nan: 0 | bad samples: 0 | tokens/s: 1234.5"
         " | TFLOP/s/device: 1.23 | MFU: n/a |"
     )

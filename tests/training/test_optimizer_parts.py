@@ -9,6 +9,7 @@ optimizer holds, never a whole saved tensor.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from megatron_patch.checkpoint.optimizer_parts import OptimizerPartsReader, part
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import train_flags, training_inputs
 from tests.training.runs import train
+
+pytestmark = pytest.mark.distributed
+
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 
@@ -89,7 +93,8 @@ def save_alone_then_count_resume_reads(flags: list, out_dir: str) -> dict:
     from megatron_patch.checkpoint.layout import rank_dir_name
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
-    from megatron_patch.training.optimizer_state import local_state_pieces, save_optimizer_state
+    from megatron_patch.training.checkpoint_parts import OptimizerState
+    from megatron_patch.training.optimizer_state import local_state_pieces
 
     read = {"elements": 0, "whole_tensors": 0}
     get_range, get = OptimizerPartsReader.get_range, OptimizerPartsReader.get
@@ -111,7 +116,8 @@ def save_alone_then_count_resume_reads(flags: list, out_dir: str) -> dict:
     held = sum(end - start for _, start, end, _, _ in pieces) * len(KEYS)
     rank_dir = f"{out_dir}/{rank_dir_name(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), 2)}"
     with _no_collectives():
-        save_optimizer_state(rank_dir, ctx.model, ctx.optimizer, ctx.opts, KEYS)
+        OptimizerState(ctx.model, ctx.optimizer, ctx.opts, ctx.settings.checkpoint, ctx.device).snapshot(copy=False)(
+            Path(out_dir))
     mine = {name: (start, end) for name, start, end, _, _ in pieces}
     return {"read": read, "held": held, "dp": ps.get_data_parallel_rank(), "rank_dir": rank_dir, "ranges": mine,
             "states": {name: {k: v.clone() for k, v in states.items()} for name, _, _, _, states in pieces}}

@@ -13,6 +13,9 @@ from tests.distributed_harness import run_distributed
 from tests.training.fixtures import train_flags, training_inputs
 from tests.training.runs import by_iteration, validation
 
+pytestmark = pytest.mark.distributed
+
+
 BUCKET_ELEMENTS = 40_000  # several DDP buckets even for the tiny model, so the gather goes bucket by bucket
 
 

@@ -13,6 +13,9 @@ import torch
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import train_flags, training_inputs
 
+pytestmark = pytest.mark.distributed
+
+
 TP = 2
 FREEZE_FLAGS = {"llm": "--freeze-llm", "vision": "--freeze-clip-vision-tower", "connector": "--freeze-perceiver"}
 
@@ -43,7 +46,7 @@ def _hf_counts(config_path) -> dict:
 
 def _startup_table(flags: list):
     """(the parameter table of the built run, what rank 0 printed while building it)."""
-    from megatron_patch.checkpoint.reshard import unwrap
+    from megatron_patch.models.idefics2.model_loading import unwrap
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.build import build_training
     from megatron_patch.training.freezing import parameter_table

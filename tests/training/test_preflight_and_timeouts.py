@@ -18,6 +18,9 @@ from megatron_patch.training.arguments import ArgumentError, build_parser, valid
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
 
+pytestmark = pytest.mark.distributed
+
+
 FAILED_COMPILE = "C++ compile error\nCommand: g++ /tmp/torchinductor/x.cpp ...\nOutput: cc1plus: fatal error"
 
 

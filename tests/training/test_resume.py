@@ -16,11 +16,14 @@ import time
 import pytest
 import torch
 
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import free_port, run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
 from tests.training.group_step_adam import train_with_group_step_adam
 from tests.training.process_tree import kill_tree
 from tests.training.runs import by_iteration, loaded_optimizer_state, saved_optimizer_state, train, who_loads
+
+pytestmark = pytest.mark.e2e
+
 
 ENTRY = str(REPO / "examples" / "idefics2" / "pretrain_megatron_idefics2.py")
 GROUP_STEP_ADAM = str(REPO / "tests" / "training" / "group_step_adam.py")
@@ -32,8 +35,8 @@ def _torchrun(flags, adam, log):
     """The entry point under torchrun, 4 workers; `adam` picks the optimizer class megatron-core builds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     script = [GROUP_STEP_ADAM, ENTRY] if adam == "group-step-adam" else [ENTRY]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
-           str(29500 + random.randint(0, 2000)), *script, *flags]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
+           *script, *flags]
     return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 

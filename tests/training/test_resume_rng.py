@@ -8,11 +8,15 @@ import random
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from tests.distributed_harness import run_distributed
 from tests.training.fixtures import train_flags, training_inputs
 from tests.training.runs import by_iteration
+
+pytestmark = pytest.mark.distributed
+
 
 DROPOUT = 0.2
 LAYOUT = ["--tensor-model-parallel-size", "2", "--save-interval", "2", "--lr-decay-iters", "3"]

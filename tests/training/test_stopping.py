@@ -15,9 +15,12 @@ import psutil
 import pytest
 
 from megatron_patch.checkpoint.layout import prune_iterations, read_tracker
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import free_port, run_distributed
 from tests.training.fixtures import REPO, train_flags, training_inputs
 from tests.training.runs import by_iteration, train
+
+pytestmark = pytest.mark.e2e
+
 
 LAUNCHER = REPO / "examples" / "idefics2" / "pretrain_idefics2.sh"
 PP2_DP2 = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]
@@ -34,7 +37,7 @@ def _folders(save):
 def _launch(inputs, flags, log, iters):
     """The real launcher (torchrun with its signal settings), 4 CPU workers; `flags` come last and win."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NNODES": "1", "GPUS_PER_NODE": "4",
-           "MASTER_PORT": str(29500 + random.randint(0, 2000)), "TP": "1", "PP": "2", "MBS": "1", "GBS": "4",
+           "MASTER_PORT": str(free_port()), "TP": "1", "PP": "2", "MBS": "1", "GBS": "4",
            "SEQ_LEN": "64", "TRAIN_ITERS": str(iters), "LR": "1e-3", "MIN_LR": "1e-4", "WARMUP_ITERS": "1",
            "NUM_WORKERS": "0", "DIST_FLAGS": "", "FREEZE": "", "OVERLAP": "0", "EXIT_SIGNAL": "SIGTERM", "AUTO_RESUME": "0",
            "LOAD": str(inputs["mg"]), "SAVE": flags[flags.index("--save") + 1], "DATA_PATH": str(inputs["train"])}
@@ -86,17 +89,17 @@ def _sigterm_to_rank1_during_save_2(ctx):
     """Rank 1 alone gets SIGTERM in the middle of the periodic save at iteration 2."""
     import torch.distributed as dist
 
-    from megatron_patch.training import loop
+    from megatron_patch.training.checkpointer import Checkpointer
 
-    original = loop.save_checkpoint
+    original = Checkpointer.save
 
-    def save(ctx, state):
-        if dist.get_rank() == 1 and state.iteration == 2:
+    def save(self):
+        if dist.get_rank() == 1 and self.state.iteration == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(ctx, state)
+        return original(self)
 
-    loop.save_checkpoint = save
-    return lambda: setattr(loop, "save_checkpoint", original)
+    Checkpointer.save = save
+    return lambda: setattr(Checkpointer, "save", original)
 
 
 STOPS = [  # (name, flags, patch, iteration it stops after)

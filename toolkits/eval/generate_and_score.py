@@ -37,12 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)  # run from a checkout without installing
-
-from megatron_patch.data import formats  # noqa: E402
-from megatron_patch.data.errors import ShardIndexError, SkipSample  # noqa: E402
+from megatron_patch.data import formats
+from megatron_patch.data.errors import ShardIndexError, SkipSample
+from megatron_patch.errors import UserError
 
 PROG = "generate_and_score"
 NORMALISATION = "casefold, white space collapsed to single spaces, stripped"
@@ -50,7 +47,7 @@ EMPTY_REFERENCE = "empty_reference"  # the last assistant turn is blank (formats
 END_OF_UTTERANCE = "<end_of_utterance>"
 
 
-class ToolError(Exception):
+class ToolError(UserError):
     """A bad flag or input: reported as one `generate_and_score: error: ...` line, exit 1."""
 
 
@@ -334,7 +331,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         summary = run(args)
     except ToolError as exc:
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print(summary_line(summary))
     if summary["num_samples"] == 0:

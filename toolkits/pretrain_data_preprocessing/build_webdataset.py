@@ -35,13 +35,12 @@ import sys
 from collections import Counter
 from itertools import chain, islice
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from records_io import format_flag, read_records  # noqa: E402
-from shard_writer import ShardTask, write_shard  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from megatron_patch.data import formats  # noqa: E402
-from megatron_patch.data.shards import INDEX_FILE, SIDECAR_SUFFIX, write_index  # noqa: E402
+from megatron_patch.data import formats
+from megatron_patch.data.shards import INDEX_FILE, SIDECAR_SUFFIX, write_index
+from toolkits.pretrain_data_preprocessing.records_io import format_flag, read_records
+from toolkits.pretrain_data_preprocessing.shard_writer import ShardTask, write_shard
 
 REPORT_FILE = "report.json"
 
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
     print(f"read {report['read']}  written {report['written']}  skipped {report['skipped_total']} "
           f"{report['skipped']}  shards {report['shards']} -> {args.output_dir}")
     if args.energon and report["written"]:
-        from energon_prepare import prepare
+        from toolkits.pretrain_data_preprocessing.energon_prepare import prepare
 
         counts = prepare(args.output_dir, num_workers=args.workers)
         print(f"energon metadata for {len(counts)} shards -> {os.path.join(args.output_dir, '.nv-meta')}")

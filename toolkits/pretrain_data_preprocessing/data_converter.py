@@ -23,11 +23,10 @@ import os
 import sys
 from collections import Counter, defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from records_io import check_record, format_flag, read_records  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from megatron_patch.data import formats  # noqa: E402
+from megatron_patch.data import formats
+from toolkits.pretrain_data_preprocessing.records_io import check_record, format_flag, read_records
 
 EXAMPLES_PER_KIND = 5
 

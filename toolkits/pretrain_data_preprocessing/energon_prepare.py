@@ -32,13 +32,8 @@ import json
 import os
 import sys
 
-# Allow `python toolkits/pretrain_data_preprocessing/energon_prepare.py` from a source checkout.
-_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from megatron_patch.data.energon import META_DIR, read_shard_counts  # noqa: E402
-from megatron_patch.data.shards import INDEX_FILE  # noqa: E402
+from megatron_patch.data.energon import META_DIR, read_shard_counts
+from megatron_patch.data.shards import INDEX_FILE
 
 SAMPLE_TYPE = "CrudeWebdataset"
 

@@ -7,17 +7,10 @@ is counted as a ``malformed_record`` instead of aborting the whole run.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-# Allow `python toolkits/pretrain_data_preprocessing/x.py` from a source checkout.
-_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from megatron_patch.data import formats  # noqa: E402
+from megatron_patch.data import formats
 
 
 @dataclass

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import webdataset as wds
 from PIL import Image
 
-from records_io import check_record
-
 from megatron_patch.data import formats
 from megatron_patch.data.shards import write_sidecar
+from toolkits.pretrain_data_preprocessing.records_io import check_record
 
 # Fixed mtime: identical input gives byte-identical shards.
 _MTIME = 0.0

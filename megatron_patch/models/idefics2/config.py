@@ -321,7 +321,7 @@ def _base_kwargs(opts: ParallelOptions, init_weights: bool) -> dict:
     Fusions: `bias_activation_fusion` and `bias_dropout_fusion` are megatron-core's own torch.compile'd
     functions (megatron/core/fusions/fused_bias_{swiglu,gelu,dropout}.py) and need no extra package; on
     by default on CUDA only (`ParallelOptions.bias_fusions`). Not verified on a GPU: the test
-    (tests/test_idefics2_parity.py::test_bias_fusions_keep_loss_and_grads) runs the fused functions
+    (tests/models/test_idefics2_parity.py::test_bias_fusions_keep_loss_and_grads) runs the fused functions
     eagerly on CPU against the unfused path (formulas and hand-written backwards); their compiled form
     on CUDA (Triton, fp32 or bf16) has not been run. The others stay off: `masked_softmax_fusion` and
     `persist_layer_norm` need apex / TE kernels (and our attention is SDPA, our norms torch's),

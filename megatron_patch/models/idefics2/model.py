@@ -18,24 +18,13 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_patch.models.idefics2.config import Idefics2Configs, ParallelOptions, build_configs
 from megatron_patch.models.idefics2.connector import Connector
+from megatron_patch.models.idefics2.image_counts import ImageCounts, ImageTokenMismatch, true_positions
 from megatron_patch.models.idefics2.kv_replication import COPIES_ATTR
 from megatron_patch.models.idefics2.layer_specs import language_block_spec
 from megatron_patch.models.idefics2.sdpa_attention import row_segments
-from megatron_patch.models.idefics2.varlen_attention import segment_ids
 from megatron_patch.models.idefics2.vision import VisionTransformer, patch_attention_mask
 
-
-class ImageTokenMismatch(ValueError):
-    """A sample's <image> tokens do not match its images' features (e.g. cut by --seq-length)."""
-
-
-def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
-    """megatron-core attention mask [b, 1, s, s] (True = masked) for packed rows: causal inside each
-    segment of `cu_seqlens` (boundaries over the b-major flattened [b * s] tokens), nothing across.
-    The dense form of `sdpa_attention.row_segments`, which the model uses; kept as its reference."""
-    segment = segment_ids(cu_seqlens, batch_size * seq_len).view(batch_size, 1, seq_len)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment.device).tril()
-    return ~((segment.transpose(1, 2) == segment) & causal).unsqueeze(1)
+__all__ = ["Idefics2Model", "ImageCounts", "ImageTokenMismatch", "build_model", "mark_tensor_parallel_weights"]
 
 
 class Idefics2Model(MegatronModule):
@@ -86,15 +75,18 @@ class Idefics2Model(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
-    def image_features(self, pixel_values, pixel_attention_mask, image_mask) -> torch.Tensor:
-        """Features [num_real_images, latents, hidden] of the images `image_mask` marks real, in batch order."""
-        images = pixel_values[image_mask]
-        if images.shape[0] == 0:
-            return images.new_zeros(0, self.configs.image_seq_len, self.configs.language.hidden_size)
-        patch_mask = patch_attention_mask(pixel_attention_mask[image_mask].bool(), self.configs.patch_size)
+    def image_features(self, pixel_values, pixel_attention_mask, image_mask, counts: ImageCounts) -> torch.Tensor:
+        """Features [num_real_images, latents, hidden] of the images `image_mask` marks real, in batch order
+        (`counts`: their sizes on the host, so no selection here waits for the device)."""
+        if counts.images == 0:
+            return pixel_values.new_zeros(0, self.configs.image_seq_len, self.configs.language.hidden_size)
+        real = true_positions(image_mask, counts.images)
+        images = pixel_values.flatten(0, 1)[real]
+        patch_mask = patch_attention_mask(pixel_attention_mask.flatten(0, 1)[real].bool(), self.configs.patch_size)
         hidden = self.vision_model(images, patch_mask)
         flat_mask = patch_mask.flatten(1)
-        return self.connector(hidden[flat_mask], flat_mask.sum(dim=1))
+        patches = hidden.flatten(0, 1)[true_positions(flat_mask, counts.patches)]
+        return self.connector(patches, flat_mask.sum(dim=1), counts.patches, counts.max_patches)
 
     def _vision_trains(self) -> bool:
         """True when a backward pass will follow and the vision tower or connector has trainable weights."""
@@ -109,10 +101,13 @@ class Idefics2Model(MegatronModule):
         image = torch.zeros(1, 3, p, p, dtype=weight.dtype, device=weight.device)
         patch_mask = torch.ones(1, 1, 1, dtype=torch.bool, device=weight.device)
         hidden = self.vision_model(image, patch_mask)
-        return self.connector(hidden[patch_mask.flatten(1)], patch_mask.flatten(1).sum(dim=1))
+        return self.connector(hidden.reshape(1, -1), patch_mask.flatten(1).sum(dim=1), 1, 1)
 
-    def embed(self, input_ids, position_ids, pixel_values=None, pixel_attention_mask=None, image_mask=None):
-        """Token embeddings [s, b, h] (sequence-parallel split when enabled) with image features merged in."""
+    def embed(self, input_ids, position_ids, pixel_values=None, pixel_attention_mask=None, image_mask=None,
+              image_counts: Optional[ImageCounts] = None):
+        """Token embeddings [s, b, h] (sequence-parallel split when enabled) with image features merged in.
+
+        `image_counts` (the collator's sizes, on the host) spare the reads that measure them here."""
         tp = self.configs.language.tensor_model_parallel_size
         if self.configs.language.sequence_parallel and input_ids.shape[1] % tp != 0:
             raise ValueError(
@@ -120,26 +115,22 @@ class Idefics2Model(MegatronModule):
                 f"{input_ids.shape[1]} tokens per row; make --seq-length a multiple of {tp}"
             )
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-        is_image = input_ids == self.configs.image_token_id
-        images_per_sample = image_mask.sum(dim=1) if image_mask is not None else torch.zeros_like(input_ids[:, 0])
-        expected = images_per_sample * self.configs.image_seq_len
-        found = is_image.sum(dim=1)
-        if not torch.equal(found, expected):
-            b = int((found != expected).nonzero()[0])
-            raise ImageTokenMismatch(
-                f"sample {b} of the micro-batch has {int(found[b])} <image> tokens but {int(images_per_sample[b])} "
-                f"image(s) x {self.configs.image_seq_len} latents = {int(expected[b])} features; was the text "
-                f"truncated by --seq-length, or is the image mask wrong?"
-            )
-        if int(images_per_sample.sum()) == 0:
+        counts = image_counts or ImageCounts.measure(
+            input_ids, image_mask, pixel_attention_mask, self.configs.image_token_id, self.configs.patch_size)
+        counts.check(self.configs.image_seq_len)
+        if counts.images == 0:
             if self._vision_trains():
                 # DDP waits for a gradient of every trainable parameter on every micro-batch: run the
                 # vision tower and connector on one blank patch and add its features times zero.
                 return embeddings + 0.0 * self._blank_image_features().sum().to(embeddings.dtype)
             return embeddings
-        features = self.image_features(pixel_values, pixel_attention_mask, image_mask)
-        merged = torch.zeros(*input_ids.shape, features.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
-        merged[is_image] = features.reshape(-1, features.shape[-1]).to(embeddings.dtype)
+        features = self.image_features(pixel_values, pixel_attention_mask, image_mask, counts)
+        is_image = input_ids == self.configs.image_token_id
+        width = features.shape[-1]
+        merged = torch.zeros(input_ids.numel(), width, dtype=embeddings.dtype, device=embeddings.device)
+        merged[true_positions(is_image, counts.images * self.configs.image_seq_len)] = \
+            features.reshape(-1, width).to(embeddings.dtype)
+        merged = merged.view(*input_ids.shape, width)
         merged, is_image = merged.transpose(0, 1).contiguous(), is_image.transpose(0, 1).contiguous()
         if self.configs.language.sequence_parallel:
             merged = tensor_parallel.scatter_to_sequence_parallel_region(merged)
@@ -155,16 +146,22 @@ class Idefics2Model(MegatronModule):
         image_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        packed_seq_params=None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        image_counts: Optional[ImageCounts] = None,
     ) -> torch.Tensor:
         """Per-token loss [b, s] when `labels` (already shifted) are given, else vocab-parallel logits [b, s, v/tp].
 
+        input_ids and position_ids [b, s] are read on the first stage only (None elsewhere is fine).
         pixel_values [b, max_images, 3, H, W], pixel_attention_mask [b, max_images, H, W] and
-        image_mask [b, max_images] (True for real images) are read on the first stage only.
-        `packed_seq_params` (megatron-core THD, from `data.packing.packed_seq_params`) marks several
-        samples per row: attention stays inside each sample.
+        image_mask [b, max_images] (True for real images) too; `image_counts` are their sizes on the
+        host (training passes the collator's; without them the first stage measures them, reading the
+        tensors back once per forward). `cu_seqlens` ([S + 1] int32 boundaries over the b-major
+        flattened [b * s] tokens, covering all of them, `data/collate.py`) marks several samples per
+        row: attention stays inside each sample. Keep it on the host: the segments are planned from
+        its values once per forward (on a device tensor that read is a host sync).
         """
-        if packed_seq_params is not None:
+        packed_seq_params = None
+        if cu_seqlens is not None:
             if self.use_te:
                 raise ValueError(
                     "--pack-sequences is not supported with transformer-engine layers yet; "
@@ -173,11 +170,13 @@ class Idefics2Model(MegatronModule):
             # Local (SDPA) attention runs each sample's segment of the [b, s] rows on its own (sbhd
             # segments, no [s, s] mask). RoPE needs no restart per sample: its scores depend only on
             # relative offsets.
-            packed_seq_params = row_segments(packed_seq_params.cu_seqlens_q, *input_ids.shape)
+            batch_size, seq_len, device = self._rows(input_ids)
+            packed_seq_params = row_segments(cu_seqlens, batch_size, seq_len, device=device)
             attention_mask = None
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, position_ids, pixel_values, pixel_attention_mask, image_mask)
+            decoder_input = self.embed(input_ids, position_ids, pixel_values, pixel_attention_mask, image_mask,
+                                       image_counts)
         return self.language_model(
             input_ids,
             position_ids,
@@ -186,6 +185,18 @@ class Idefics2Model(MegatronModule):
             labels=labels,
             packed_seq_params=packed_seq_params,
         )
+
+    def _rows(self, input_ids: Optional[torch.Tensor]) -> tuple:
+        """(b, s, device) of the micro-batch: from input_ids, or on a later stage from the hidden states it
+        received ([s, b, h], the sequence split over TP ranks with sequence parallelism)."""
+        if input_ids is not None:
+            return input_ids.shape[0], input_ids.shape[1], input_ids.device
+        hidden = self.language_model.decoder.input_tensor
+        if hidden is None:
+            raise ValueError("packed rows (cu_seqlens) need input_ids on a stage without pipeline input")
+        config = self.configs.language
+        split = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        return hidden.shape[1], hidden.shape[0] * split, hidden.device
 
 
 def build_model(hf_config, opts: ParallelOptions, init_weights: bool = True, device=None) -> Idefics2Model:

@@ -100,3 +100,10 @@ def assemble_hf_tensors(
                 elif sum_tied:
                     out[name] = out[name] + tensor
     return out
+
+
+def unwrap(model):
+    """The model part inside megatron-core wrappers (DDP, Float16Module), whose names are canonical."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

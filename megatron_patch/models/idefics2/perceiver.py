@@ -6,6 +6,8 @@ batch with `cu_seqlens`, run by `varlen_attention`.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -31,18 +33,26 @@ def gated_mlp(config: TransformerConfig, input_size: int | None = None) -> MLP:
 
 
 class PackedImages:
-    """Index bookkeeping shared by every perceiver layer for one batch of images."""
+    """Index bookkeeping shared by every perceiver layer for one batch of images, made once per forward.
 
-    def __init__(self, patches_per_image: torch.Tensor, num_latents: int):
+    `total_patches` and `max_patches` (the sum and max of `patches_per_image`) size the index tensors;
+    given from the host (the collator's counts), nothing here or in the layers waits for the device.
+    Left None they are read back from `patches_per_image` (a host sync on a GPU, once per forward)."""
+
+    def __init__(self, patches_per_image: torch.Tensor, num_latents: int, total_patches: Optional[int] = None,
+                 max_patches: Optional[int] = None):
         device = patches_per_image.device
         n = patches_per_image.numel()
         self.num_images, self.num_latents = n, num_latents
         kv_lengths = patches_per_image + num_latents
         self.cu_seqlens_q = torch.arange(0, (n + 1) * num_latents, num_latents, device=device, dtype=torch.int32)
         self.cu_seqlens_k = torch.nn.functional.pad(kv_lengths.cumsum(0), (1, 0)).to(torch.int32)
-        self.max_seqlen_k = int(kv_lengths.max())
+        if max_patches is None:
+            max_patches = int(patches_per_image.max()) if n else 0
+        self.max_seqlen_k = max_patches + num_latents
         # Order of concat(all patches, all latents) rows that lays out [patches_i, latents_i] per image.
-        total_patches = int(patches_per_image.sum())
+        if total_patches is None:
+            total_patches = int(patches_per_image.sum())
         total_kv = total_patches + n * num_latents
         image = torch.repeat_interleave(torch.arange(n, device=device), kv_lengths, output_size=total_kv)
         local = torch.arange(total_kv, device=device) - self.cu_seqlens_k[image].long()
@@ -138,9 +148,10 @@ class PerceiverResampler(MegatronModule):
         self.layers = nn.ModuleList([PerceiverLayer(config) for _ in range(config.num_layers)])
         self.final_layernorm = _rms_norm(config)
 
-    def forward(self, context: torch.Tensor, patches_per_image: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, patches_per_image: torch.Tensor, total_patches: Optional[int] = None,
+                max_patches: Optional[int] = None) -> torch.Tensor:
         """context [total_real_patches, h] packed image by image -> [num_images, num_latents, h]."""
-        packed = PackedImages(patches_per_image, self.num_latents)
+        packed = PackedImages(patches_per_image, self.num_latents, total_patches, max_patches)
         latents = self.latents.repeat(packed.num_images, 1).unsqueeze(1)
         context = context.unsqueeze(1)
         for layer in self.layers:

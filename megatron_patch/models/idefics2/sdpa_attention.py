@@ -64,10 +64,13 @@ class PackedRows(PackedSeqParams):
     group padded only to its own longest, so the work follows the sum of squared segment lengths.
 
     groups: per group, (gather index [n, L] into the b-major flattened tokens, with `total` for padding;
-            keep [n, L], True at real tokens). restore: where each token's output sits in the
-            concatenation of every group's real tokens (an inverse permutation)."""
+            keep [n, L], True at real tokens). real: per group, (segment, position) index pair of its
+            real tokens in keep's order (`keep`'s True entries, as long indices: picking them needs no
+            host sync). restore: where each token's output sits in the concatenation of every group's
+            real tokens (an inverse permutation)."""
 
     groups: tuple = ()
+    real: tuple = ()
     restore: Optional[torch.Tensor] = None
 
 
@@ -90,37 +93,50 @@ def _length_groups(lengths: list[int], by_length: bool) -> list[list[int]]:
     return groups
 
 
-def row_segments(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, by_length: bool = True) -> PackedRows:
+def row_segments(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, by_length: bool = True,
+                 device=None) -> PackedRows:
     """Packed rows [b, s] as SDPAttention's segment params: `cu_seqlens` (boundaries over the b-major
     flattened [b * s] tokens, covering all of them) split at every row end too, so that no segment
     crosses rows; `max_seqlen_*` is the row length (megatron-core sizes RoPE by it; positions run
     along the row, as without packing). `by_length=False` pads every segment to the longest in one
-    group (what this code did before grouping; benches compare the two)."""
+    group (what this code did before grouping; benches compare the two).
+
+    The plan is made on the host from the boundaries' values and copied to `device` (default:
+    `cu_seqlens`'); keep `cu_seqlens` on the host and nothing here waits for the device (reading a
+    device tensor's values is a host sync, once per micro-batch; the layers reuse the plan)."""
     total = batch_size * seq_len
-    bounds = cu_seqlens.tolist()  # the one host sync of a micro-batch's packing; layers reuse the plan
+    device = cu_seqlens.device if device is None else torch.device(device)
+    bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(
             f"cu_seqlens must run from 0 to batch x seq_length = {total} (pad tokens included), "
             f"got {bounds[0]} .. {bounds[-1]}"
         )
     bounds = sorted(set(bounds) | set(range(0, total + 1, seq_len)))
-    device = cu_seqlens.device
     starts_all, lengths = bounds[:-1], [b - a for a, b in zip(bounds, bounds[1:])]
-    groups, real = [], []
+    groups, picks, tokens = [], [], []
     for members in _length_groups(lengths, by_length):
         longest = lengths[members[0]]
-        starts = torch.tensor([starts_all[i] for i in members], device=device)
-        sizes = torch.tensor([lengths[i] for i in members], device=device)
-        offsets = torch.arange(longest, device=device)
+        starts = torch.tensor([starts_all[i] for i in members])
+        sizes = torch.tensor([lengths[i] for i in members])
+        offsets = torch.arange(longest)
         keep = offsets[None, :] < sizes[:, None]
         index = torch.where(keep, starts[:, None] + offsets[None, :], total)
         groups.append((index, keep))
-        real.append(index[keep])
-    restore = torch.empty(total, dtype=torch.long, device=device)
-    restore[torch.cat(real)] = torch.arange(total, device=device)
-    cu = torch.tensor(bounds, dtype=cu_seqlens.dtype, device=device)
-    return PackedRows(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_len,
-                      max_seqlen_kv=seq_len, groups=tuple(groups), restore=restore)
+        count = sum(lengths[i] for i in members)
+        picks.append((torch.repeat_interleave(torch.arange(len(members)), sizes, output_size=count),
+                      torch.cat([torch.arange(lengths[i]) for i in members])))  # keep's True entries, in order
+        tokens += [torch.arange(starts_all[i], starts_all[i] + lengths[i]) for i in members]  # = index[keep]
+    restore = torch.empty(total, dtype=torch.long)
+    restore[torch.cat(tokens)] = torch.arange(total)
+
+    def move(t):
+        return t.to(device, non_blocking=True)
+
+    cu = move(torch.tensor(bounds, dtype=cu_seqlens.dtype))
+    return PackedRows(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_len, max_seqlen_kv=seq_len,
+                      groups=tuple((move(index), move(keep)) for index, keep in groups),
+                      real=tuple((move(rows), move(cols)) for rows, cols in picks), restore=move(restore))
 
 
 def _keys_per_query(config: TransformerConfig, attn_mask_type: AttnMaskType) -> Optional[int]:
@@ -259,10 +275,10 @@ class SDPAttention(MegatronModule):
 
         q, k, v = flat(query), flat(key), flat(value)
         outputs = []
-        for index, keep in packed.groups:
+        for (index, _), real in zip(packed.groups, packed.real):
             grouped = [t[index].transpose(1, 2) for t in (q, k, v)]  # [n, h, L, d]
             context = self._attend(*grouped, None, is_causal=index.shape[1] > 1)
-            outputs.append(context.transpose(1, 2)[keep])  # the group's real tokens [real, h, d]
+            outputs.append(context.transpose(1, 2)[real])  # the group's real tokens [real, h, d]
         context = torch.cat(outputs)[packed.restore]  # [b * s, h, d] in token order
         return context.reshape(b, s, self.hidden_size_per_partition).transpose(0, 1).contiguous()
 

@@ -31,12 +31,9 @@ import gc
 import os
 import resource
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
 
 PROG = "check_hf_parity"
 HF_MODELING_MODULE = "transformers.models.idefics2.modeling_idefics2"
@@ -68,9 +65,9 @@ def megatron_config(args):
     """(config the Megatron model is built from, iteration to load or None); checked against --hf-path."""
     from megatron_patch.checkpoint import CheckpointError, read_checkpoint_config
     from megatron_patch.checkpoint.config_files import read_idefics2_config
-    from megatron_patch.checkpoint.hf_files import HFWeightsReader
     from megatron_patch.checkpoint.layout import parse_iteration, resolve_iteration
-    from megatron_patch.checkpoint.plan import hf_tensor_shapes
+    from megatron_patch.checkpoint.verify import hf_tensor_shapes
+    from megatron_patch.conversion.hf_files import HFWeightsReader
     from megatron_patch.models.idefics2.weight_mapping import hf_tensor_names
 
     hf_config = read_idefics2_config(args.hf_path)
@@ -99,7 +96,7 @@ class CountedHFReads:
     (HFWeightsReader, short-lived handle) and counts it, so the report says what this rank read."""
 
     def __init__(self, hf_dir):
-        from megatron_patch.checkpoint.hf_files import HFWeightsReader
+        from megatron_patch.conversion.hf_files import HFWeightsReader
 
         self.reader = HFWeightsReader(hf_dir)
         self.names: set[str] = set()
@@ -150,7 +147,7 @@ def reference_diffs(args, dtype, device, inputs: dict, on_device: dict, ours: di
     """Rank 0 only: build transformers' model on this rank's device, run it, compare; prints per component."""
     from transformers import Idefics2ForConditionalGeneration
 
-    from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs
+    from megatron_patch.testing.parity import hf_outputs, max_abs_diffs
 
     hf_model = Idefics2ForConditionalGeneration.from_pretrained(args.hf_path, dtype=dtype).eval().to(device)
     reference = {k: v.cpu() for k, v in hf_outputs(hf_model, on_device).items()}
@@ -167,12 +164,12 @@ def reference_diffs(args, dtype, device, inputs: dict, on_device: dict, ours: di
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_patch.checkpoint import CheckpointError, load_model_weights
-    from megatron_patch.checkpoint.errors import one_line
+    from megatron_patch.errors import one_line
     from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
     from megatron_patch.models.idefics2.model import build_model
     from megatron_patch.models.idefics2.model_loading import load_hf_weights
-    from megatron_patch.models.idefics2.parity import megatron_outputs, random_inputs, use_true_fp32
     from megatron_patch.platform import get_device, init_distributed
+    from megatron_patch.testing.parity import megatron_outputs, random_inputs, use_true_fp32
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     atol = args.atol if args.atol is not None else (5e-2 if args.bf16 else 1e-4)

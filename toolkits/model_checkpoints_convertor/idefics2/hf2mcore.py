@@ -21,15 +21,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from megatron_patch.checkpoint.config_files import HF_CONFIG_DIR, read_idefics2_config, write_config_dir  # noqa: E402
-from megatron_patch.checkpoint.errors import CheckpointError  # noqa: E402
-from megatron_patch.checkpoint.hf_files import HFWeightsReader  # noqa: E402
-from megatron_patch.checkpoint.info import CheckpointInfo  # noqa: E402
-from megatron_patch.checkpoint.layout import (  # noqa: E402
+from megatron_patch.checkpoint.config_files import HF_CONFIG_DIR, read_idefics2_config, write_config_dir
+from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.checkpoint.info import CheckpointInfo
+from megatron_patch.checkpoint.layout import (
     RELEASE,
     fresh_staging,
     holds_checkpoint,
@@ -38,14 +35,15 @@ from megatron_patch.checkpoint.layout import (  # noqa: E402
     staging_path,
     write_tracker,
 )
-from megatron_patch.checkpoint.model_files import WriterPool  # noqa: E402
-from megatron_patch.checkpoint.plan import hf_tensor_shapes, mapping_groups  # noqa: E402
-from megatron_patch.checkpoint.publish import publish  # noqa: E402
-from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
-from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
-from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders  # noqa: E402
-from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings, validate_layout  # noqa: E402
-from megatron_patch.models.idefics2.weight_mapping import (  # noqa: E402
+from megatron_patch.checkpoint.model_files import WriterPool
+from megatron_patch.checkpoint.safetensors_io import release_freed_memory
+from megatron_patch.checkpoint.verify import hf_tensor_shapes, verify_rank_folders
+from megatron_patch.conversion.hf_files import HFWeightsReader
+from megatron_patch.conversion.publish import publish
+from megatron_patch.conversion.read_once import mapping_groups, require_used_once
+from megatron_patch.conversion.tooling import Summary, parse_size, progress, run_tool
+from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_embeddings, validate_layout
+from megatron_patch.models.idefics2.weight_mapping import (
     HF_EMBED_TOKENS,
     HF_LM_HEAD,
     PipelineLayout,

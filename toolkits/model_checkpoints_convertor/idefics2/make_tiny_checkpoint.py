@@ -49,8 +49,8 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer, Idefics2ForConditionalGeneration
 
-    from megatron_patch.data.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
-    from megatron_patch.models.idefics2.tiny import randomize_weights, tiny_idefics2_config
+    from megatron_patch.testing.tiny import randomize_weights, tiny_idefics2_config
+    from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
 
     save_path = Path(args.save_path)
     overrides = {}

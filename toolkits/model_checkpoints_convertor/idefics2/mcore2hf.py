@@ -21,25 +21,23 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from megatron_patch.checkpoint.config_files import (  # noqa: E402
+from megatron_patch.checkpoint.config_files import (
     CONFIG_FILE,
     HF_CONFIG_DIR,
     read_config_dict,
     write_config_dir,
 )
-from megatron_patch.checkpoint.errors import CheckpointError  # noqa: E402
-from megatron_patch.checkpoint.hf_files import HFShardWriter  # noqa: E402
-from megatron_patch.checkpoint.layout import fresh_staging, parse_iteration, resolve_iteration, staging_path  # noqa: E402
-from megatron_patch.checkpoint.plan import hf_tensor_shapes, mapping_groups  # noqa: E402
-from megatron_patch.checkpoint.publish import publish  # noqa: E402
-from megatron_patch.checkpoint.reshard import ShardedCheckpoint  # noqa: E402
-from megatron_patch.checkpoint.safetensors_io import release_freed_memory  # noqa: E402
-from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
-from megatron_patch.checkpoint.verify import require_used_once, verify_rank_folders  # noqa: E402
+from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.checkpoint.layout import fresh_staging, parse_iteration, resolve_iteration, staging_path
+from megatron_patch.checkpoint.reshard import ShardedCheckpoint
+from megatron_patch.checkpoint.safetensors_io import release_freed_memory
+from megatron_patch.checkpoint.verify import hf_tensor_shapes, verify_rank_folders
+from megatron_patch.conversion.hf_files import HFShardWriter
+from megatron_patch.conversion.publish import publish
+from megatron_patch.conversion.read_once import mapping_groups, require_used_once
+from megatron_patch.conversion.tooling import Summary, parse_size, progress, run_tool
 
 PROG = "mcore2hf"
 

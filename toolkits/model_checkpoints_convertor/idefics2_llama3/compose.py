@@ -26,20 +26,18 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from megatron_patch.checkpoint.config_files import read_config_dict  # noqa: E402
-from megatron_patch.checkpoint.errors import CheckpointError  # noqa: E402
-from megatron_patch.checkpoint.hf_files import HFShardWriter, HFWeightsReader  # noqa: E402
-from megatron_patch.checkpoint.layout import fresh_staging, staging_path  # noqa: E402
-from megatron_patch.checkpoint.plan import hf_tensor_shapes  # noqa: E402
-from megatron_patch.checkpoint.publish import publish  # noqa: E402
-from megatron_patch.checkpoint.tooling import Summary, parse_size, progress, run_tool  # noqa: E402
-from megatron_patch.checkpoint.verify import require_used_once  # noqa: E402
-from megatron_patch.models.idefics2.config import tied_word_embeddings  # noqa: E402
-from megatron_patch.models.idefics2.weight_mapping import (  # noqa: E402
+from megatron_patch.checkpoint.config_files import read_config_dict
+from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.checkpoint.layout import fresh_staging, staging_path
+from megatron_patch.checkpoint.verify import hf_tensor_shapes
+from megatron_patch.conversion.hf_files import HFShardWriter, HFWeightsReader
+from megatron_patch.conversion.publish import publish
+from megatron_patch.conversion.read_once import require_used_once
+from megatron_patch.conversion.tooling import Summary, parse_size, progress, run_tool
+from megatron_patch.models.idefics2.config import tied_word_embeddings
+from megatron_patch.models.idefics2.weight_mapping import (
     HF_CONNECTOR_PREFIX,
     HF_EMBED_TOKENS,
     HF_LM_HEAD,

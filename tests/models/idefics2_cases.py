@@ -16,9 +16,9 @@ from megatron_patch.models.idefics2.model_loading import (
     local_tensors,
     pipeline_layout,
 )
-from megatron_patch.models.idefics2.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
-from megatron_patch.models.idefics2.tiny import randomize_weights, tiny_idefics2_config
 from megatron_patch.platform import get_device, init_distributed
+from megatron_patch.testing.parity import hf_outputs, max_abs_diffs, megatron_outputs, random_inputs
+from megatron_patch.testing.tiny import randomize_weights, tiny_idefics2_config
 
 
 def llama3_rope(factor: float) -> dict:
@@ -229,8 +229,6 @@ def pack_rows(inputs: dict, rows: list[list[int]]):
     """Pack samples of `inputs` into rows (sample indices per row), as the data collator does:
     tokens back to back, position ids restarting per sample, images in sample order, a padding
     tail that is its own segment, and cu_seqlens over the b-major flattened tokens."""
-    from megatron_patch.data.packing import packed_seq_params
-
     ids, mask, pixels, pixel_mask = (inputs[k] for k in ("input_ids", "image_mask", "pixel_values", "pixel_attention_mask"))
     seq = ids.shape[1]
     width = max(len(r) for r in rows) * seq
@@ -256,14 +254,13 @@ def pack_rows(inputs: dict, rows: list[list[int]]):
     cu = torch.tensor(cu, dtype=torch.int32)
     packed = {"input_ids": out_ids, "position_ids": positions, "pixel_values": out_pixels,
               "pixel_attention_mask": out_pixel_mask, "image_mask": out_mask,
-              "cu_seqlens": cu, "max_seqlen": (cu[1:] - cu[:-1]).max()}
-    packed["packed_seq_params"] = packed_seq_params(packed)
+              "cu_seqlens": cu}
     return packed
 
 
 def packed_vs_unpacked_case(tp: int, pp: int, sliding_window=None):
     """Logits of 3 samples run one per row, and packed two rows as [s0 s1] [s2 pad] (on rank 0)."""
-    from megatron_patch.models.idefics2.parity import megatron_outputs
+    from megatron_patch.testing.parity import megatron_outputs
 
     init_distributed(tp, pp, seed=1234)
     config, hf_model = tiny_hf_model("mistral", False, sliding_window=sliding_window)

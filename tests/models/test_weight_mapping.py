@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
 from megatron_patch.models.idefics2.weight_mapping import (
     QKV,
     PipelineLayout,
@@ -13,6 +12,9 @@ from megatron_patch.models.idefics2.weight_mapping import (
     mcore_to_hf,
     tensor_mappings,
 )
+from megatron_patch.testing.tiny import tiny_idefics2_config
+
+pytestmark = pytest.mark.unit
 
 
 def _hf_shapes(config):

@@ -100,7 +100,7 @@ def hf_outputs(hf_model, inputs: dict) -> dict:
 def megatron_outputs(model_chunks: list, inputs: dict, vocab_size: int) -> Optional[dict]:
     """Forward pass through the pipeline; returns the outputs on global rank 0, None elsewhere.
 
-    `inputs` may carry `position_ids` and `packed_seq_params` (packed rows) besides `random_inputs`' keys.
+    `inputs` may carry `position_ids` and `cu_seqlens` (packed rows) besides `random_inputs`' keys.
     """
     model = model_chunks[0]
     unwrapped = getattr(model, "module", model)
@@ -120,7 +120,7 @@ def megatron_outputs(model_chunks: list, inputs: dict, vocab_size: int) -> Optio
         batch = next(data_iterator)
         out = chunk(
             batch["input_ids"], position_ids, batch["pixel_values"], batch["pixel_attention_mask"], batch["image_mask"],
-            packed_seq_params=batch.get("packed_seq_params"),
+            cu_seqlens=batch.get("cu_seqlens"),
         )
 
         def collect(output, non_loss_data=False):

@@ -9,10 +9,12 @@ from transformers import Idefics2Config
 
 from megatron_patch.models.idefics2.config import ParallelOptions, validate_layout
 from megatron_patch.models.idefics2.kv_replication import COPIES_ATTR
-from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
 from megatron_patch.models.idefics2.weight_mapping import KV, KVCopyMismatch, hf_to_mcore, mcore_to_hf, tensor_mappings
-from tests import idefics2_cases as cases
+from megatron_patch.testing.tiny import tiny_idefics2_config
 from tests.distributed_harness import run_distributed
+from tests.models import idefics2_cases as cases
+
+pytestmark = pytest.mark.distributed
 
 
 def idefics2_8b_heads(vision_heads=16, perceiver_heads=16, perceiver_kv=4, text_heads=32, text_kv=8) -> Idefics2Config:

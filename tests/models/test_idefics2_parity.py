@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from megatron_patch.platform import accelerators
-from tests import idefics2_cases as cases
+from tests.models import idefics2_cases as cases
 from tests.distributed_harness import run_distributed
+
+pytestmark = pytest.mark.distributed
+
 
 ATOL = 1e-4  # fp32
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from megatron_patch.models.idefics2.varlen_attention import varlen_attention
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("q_lens", [[3, 3, 3], [5, 1, 3]])
 def test_packed_attention_equals_per_sequence_attention(q_lens):

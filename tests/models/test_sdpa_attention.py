@@ -13,10 +13,13 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_patch.models.idefics2.layer_specs import _layer_spec, vision_block_spec
-from megatron_patch.models.idefics2.model import packed_causal_mask
 from megatron_patch.models.idefics2.sdpa_attention import SDPAttention, row_segments
 from megatron_patch.platform import init_distributed
+from megatron_patch.testing.attention_masks import packed_causal_mask
 from tests.distributed_harness import run_distributed
+
+pytestmark = pytest.mark.distributed
+
 
 HEADS, GROUPS, DIM, BATCH, SEQ = 8, 2, 16, 2, 24
 

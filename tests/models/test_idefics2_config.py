@@ -16,7 +16,9 @@ from megatron_patch.models.idefics2.config import (
     tied_word_embeddings,
     validate_layout,
 )
-from megatron_patch.models.idefics2.tiny import tiny_idefics2_config
+from megatron_patch.testing.tiny import tiny_idefics2_config
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,11 @@
 """The local layers' SwiGLU: same forward as megatron-core's unfused gated MLP, exact gradients."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_patch.models.idefics2.swiglu import swiglu
+
+pytestmark = pytest.mark.distributed
 
 
 def _reference(x):

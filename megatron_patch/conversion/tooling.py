@@ -6,7 +6,8 @@ import sys
 import time
 from typing import Callable, Optional
 
-from megatron_patch.checkpoint.errors import CheckpointError, one_line
+from megatron_patch.checkpoint.errors import CheckpointError
+from megatron_patch.errors import one_line
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
