@@ -33,8 +33,10 @@ setup(
         "energon": ["megatron-energon>=7"],
         # Weights & Biases logging (--wandb-project).
         "wandb": ["wandb>=0.19"],
+        # LoRA (--lora-*): peft reads and writes the adapter folders' format (docs/training.md).
+        "lora": ["peft>=0.17"],
         # The test suite and the README's main job.
         "test": ["pytest>=8", "psutil>=5.9", "mistral-common>=1.5", "rouge-score>=0.1.2", "matplotlib>=3.7",
-                 "tensorboard>=2.14", "megatron-energon>=7", "wandb>=0.19"],
+                 "tensorboard>=2.14", "megatron-energon>=7", "wandb>=0.19", "peft>=0.17"],
     },
 )

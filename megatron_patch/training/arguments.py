@@ -20,6 +20,7 @@ reads a checkpoint's tracker, `checkpoint_info.json` and `hf_config/config.json`
     image_seq_len        the model's perceiver latents when --image-seq-len is not given
     metrics_jsonl        SAVE/metrics.jsonl when not given and --save is set
     params_dtype         torch.bfloat16 with --bf16, else torch.float32
+    lora                 LoraSettings with --lora-rank / --lora-load, else None (training/lora.py)
 Like Megatron-LM, --bf16 also turns on --accumulate-allreduce-grads-in-fp32, and TP = 1 turns
 --sequence-parallel off.
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 from megatron_patch.data.encoder import add_encoder_arguments
 from megatron_patch.data.loader import add_data_arguments
 from megatron_patch.errors import UserError
+from megatron_patch.training.lora import add_lora_arguments, check_lora_args
 
 PROG = "pretrain_megatron_idefics2"
 CONFIG_FILE = "config.json"
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-llm", action="store_true")
     g.add_argument("--freeze-clip-vision-tower", action="store_true")
     g.add_argument("--freeze-perceiver", action="store_true", help="modality projection + perceiver resampler")
+    add_lora_arguments(p)
 
     add_data_arguments(p)
     add_encoder_arguments(p)
@@ -209,6 +212,7 @@ def validate_args(args, world_size: int) -> None:
     _check_data_paths(args)
     hf_config, tokenizer_dir, iteration = _model_source(args)
     _check_model(args, hf_config, world_size)
+    check_lora_args(args, hf_config)  # sets args.lora (None without --lora-rank / --lora-load)
 
     args.data_parallel_size = dp
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)

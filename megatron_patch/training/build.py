@@ -36,6 +36,7 @@ from megatron_patch.training.arguments import ArgumentError, frozen_components, 
 from megatron_patch.training.checkpoint_parts import TrainState
 from megatron_patch.training.checkpointer import Checkpointer, Resumed
 from megatron_patch.training.freezing import format_parameter_table, freeze, parameter_table
+from megatron_patch.training.lora import apply_lora
 from megatron_patch.training.metrics import progress
 from megatron_patch.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_patch.training.settings import RunSettings, run_settings
@@ -119,6 +120,11 @@ def _wandb_run_id(ctx: TrainingContext) -> Optional[str]:
     return box[0]
 
 
+def _report_parameters(ctx: TrainingContext, model, trainable: str = "trainable") -> None:
+    table = parameter_table(model, ctx.device)
+    ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table, trainable))
+
+
 def build_training(args) -> TrainingContext:
     """Lay out the ranks, build model, optimizer, schedule and data; resume from --load."""
     _check_optional_packages(args)
@@ -138,9 +144,15 @@ def build_training(args) -> TrainingContext:
     model = build_model(args.hf_config, opts, init_weights=not args.load)  # loaded weights replace any init
     model.to(ctx.device)
     freeze(model, frozen_components(args))
-    table = parameter_table(model, ctx.device)
-    ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table))
-    checkpointer.load_weights(model)
+    lora = getattr(args, "lora", None)
+    if lora is None:
+        _report_parameters(ctx, model)
+    checkpointer.load_weights(model)  # the base weights: adapters are added after, never loaded here
+    if lora is not None:
+        apply_lora(model, args, opts)
+        ctx.report(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g}, "
+                   f"on {','.join(lora.targets)}" + (f", from {args.lora_load}" if args.lora_load else ""))
+        _report_parameters(ctx, model, trainable="LoRA adapters")
     ctx.model = wrap_ddp(model, args)
     if not args.skip_train:
         ctx.optimizer = build_optimizer(ctx.model, args)

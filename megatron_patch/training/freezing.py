@@ -27,6 +27,15 @@ def freeze(model, frozen) -> None:
             param.requires_grad_(False)
 
 
+def freeze_base_for_lora(model) -> None:
+    """With LoRA every base weight (vision tower, connector, language model) is frozen, as peft does;
+    only the adapters (models/idefics2/lora.py) train."""
+    from megatron_patch.models.idefics2.lora import is_adapter_parameter
+
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+
+
 def _counted_once(param) -> bool:
     """Whether this rank counts `param` in model-wide totals: TP-replicated tensors on TP rank 0
     only, a replicated perceiver KV head on its first copy's rank only (`kv_replication.mark_copy`),
@@ -48,10 +57,11 @@ def parameter_table(model, device) -> dict:
     return {c: (int(counts[i, 0]), int(counts[i, 1])) for i, c in enumerate(COMPONENTS)}
 
 
-def format_parameter_table(table: dict) -> str:
-    """The start-up table of trainable vs frozen parameters per component."""
+def format_parameter_table(table: dict, trainable: str = "trainable") -> str:
+    """The start-up table of trainable vs frozen parameters per component (with LoRA, `trainable` is
+    "LoRA adapters": the only parameters that train)."""
     names = {"vision": "vision tower", "connector": "connector (projection + perceiver)", "llm": "language model"}
-    lines = [f"{'component':<36}{'trainable':>14}{'frozen':>14}"]
+    lines = [f"{'component':<36}{trainable:>14}{'frozen':>14}"]
     for component, (trainable, frozen) in table.items():
         lines.append(f"{names[component]:<36}{trainable:>14,}{frozen:>14,}")
     trainable = sum(t for t, _ in table.values())

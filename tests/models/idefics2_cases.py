@@ -105,18 +105,9 @@ def _wrap_ddp(model):
     return ddp
 
 
-def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bool = False, sliding_window=None,
-                        perceiver_kv_heads=None, **options):
-    """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0).
-
-    `options` are extra ParallelOptions fields (activation recompute, sequence parallel, ...); with
-    `ddp` the model runs inside megatron-core's DDP and grads are finalised as in training.
-    """
-    init_distributed(tp, pp, seed=1234)
-    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window, perceiver_kv_heads=perceiver_kv_heads)
-    opts = ParallelOptions(tp, pp, **options)
-    model = build_from_hf(config, hf_model, opts)
-    chunk = _wrap_ddp(model) if ddp else model
+def train_micro_batch(chunk, config):
+    """Forward and backward of `random_inputs(seed=11)` (the batch of `hf_loss_and_grads`) through the
+    pipeline; the mean per-token loss on the last stage, None on the others."""
     inputs = random_inputs(config, batch_size=2, num_images=2, seed=11)
     labels, loss_mask = _shifted(inputs)
     batch_size, seq_len = labels.shape
@@ -145,6 +136,22 @@ def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bo
         forward_only=False,
     )
     loss = float(out[0]["loss"]) if parallel_state.is_pipeline_last_stage() else None
+    return loss
+
+
+def loss_and_grads_case(text: str, tp: int, pp: int, tied: bool = False, ddp: bool = False, sliding_window=None,
+                        perceiver_kv_heads=None, **options):
+    """Loss and HF-named gradients of one training micro-batch at tp x pp (on rank 0).
+
+    `options` are extra ParallelOptions fields (activation recompute, sequence parallel, ...); with
+    `ddp` the model runs inside megatron-core's DDP and grads are finalised as in training.
+    """
+    init_distributed(tp, pp, seed=1234)
+    config, hf_model = tiny_hf_model(text, tied, sliding_window=sliding_window, perceiver_kv_heads=perceiver_kv_heads)
+    opts = ParallelOptions(tp, pp, **options)
+    model = build_from_hf(config, hf_model, opts)
+    chunk = _wrap_ddp(model) if ddp else model
+    loss = train_micro_batch(chunk, config)
     mine = {
         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(), k): v
         for k, v in local_tensors(model, opts, grads=True).items()

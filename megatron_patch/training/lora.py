@@ -1,0 +1,118 @@
+"""LoRA fine-tuning flags and their place in the build (the adapters themselves: models/idefics2/lora.py).
+
+    --lora-rank R                 turns LoRA on (every base weight frozen, adapters trained)
+    --lora-alpha A                scale A / R as peft (default: R, a scale of 1; peft's own default is 8)
+    --lora-dropout P              on the adapters' input, as peft (default 0)
+    --lora-target-modules NAMES   peft's names on transformers' Idefics2 text model (default: all seven)
+    --lora-load PEFT_DIR          start from a peft adapter folder: rank, alpha, targets from it
+
+`check_lora_args` (called by `validate_args`) sets `args.lora` to a `LoraSettings` or None.
+"""
+from __future__ import annotations
+
+from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, LoraSettings
+
+_FREEZE = ("--freeze-llm", "freeze_llm"), ("--freeze-clip-vision-tower", "freeze_clip_vision_tower"), \
+    ("--freeze-perceiver", "freeze_perceiver")
+
+
+def add_lora_arguments(parser) -> None:
+    g = parser.add_argument_group("LoRA (peft-compatible adapters on the language model; base frozen)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R", help="turn LoRA on with adapters of rank R")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help="scale = A / R as peft (default: R, i.e. scale 1; peft's LoraConfig defaults to 8)")
+    g.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-target-modules", default=None, metavar="NAMES",
+                   help=f"comma-separated peft module names of the language model (default: {','.join(DEFAULT_TARGETS)})")
+    g.add_argument("--lora-load", default=None, metavar="PEFT_DIR",
+                   help="start from a peft adapter folder (adapter_config.json + adapter_model.safetensors)")
+
+
+def _error(message: str):
+    from megatron_patch.training.arguments import ArgumentError
+
+    return ArgumentError(message)
+
+
+def _targets(text: str) -> tuple:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in DEFAULT_TARGETS:
+            raise _error(f"--lora-target-modules {name}: only the language model's {','.join(DEFAULT_TARGETS)} are "
+                         "supported yet (vision tower and connector targets are not)")
+    if not names:
+        raise _error("--lora-target-modules is empty; name at least one of " + ",".join(DEFAULT_TARGETS))
+    return tuple(n for n in DEFAULT_TARGETS if n in names)
+
+
+def check_lora_args(args, hf_config) -> None:
+    """Validate the LoRA flags (one line naming the flag); set `args.lora` (LoraSettings or None)."""
+    args.lora = None
+    on = args.lora_rank is not None or args.lora_load is not None
+    if not on:
+        for dest in ("lora_alpha", "lora_dropout", "lora_target_modules"):
+            if getattr(args, dest) is not None:
+                raise _error(f"--{dest.replace('_', '-')} needs --lora-rank or --lora-load (LoRA is off)")
+        return
+    for flag, dest in _FREEZE:
+        if getattr(args, dest):
+            raise _error(f"{flag} with LoRA: with LoRA the whole base model is frozen already; drop {flag}")
+    if args.save:
+        raise _error("--save with LoRA: LoRA checkpoints are not supported yet; drop --save (LoRA runs train "
+                     "and evaluate without saving in this version)")
+    if args.load and not args.finetune:
+        raise _error("--load with LoRA needs --finetune: resuming a LoRA run is not supported yet, only starting "
+                     "from a base checkpoint's weights")
+    if args.transformer_impl == "transformer_engine":
+        raise _error("--transformer-impl transformer_engine with LoRA is not supported yet; use --transformer-impl local")
+    if args.recompute_granularity == "full":
+        raise _error("--recompute-granularity full with LoRA is not supported yet (the frozen embedding's output "
+                     "needs no grad, so recomputed layers would give the adapters none); use selective or none")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise _error(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:
+        raise _error(f"--lora-dropout must be in [0.0, 1.0), got {args.lora_dropout}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise _error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    targets = None if args.lora_target_modules is None else _targets(args.lora_target_modules)
+    if args.lora_load is None:
+        rank = args.lora_rank
+        args.lora = LoraSettings(rank, float(args.lora_alpha if args.lora_alpha is not None else rank),
+                                 args.lora_dropout or 0.0, targets or DEFAULT_TARGETS)
+        return
+    args.lora = _from_peft_folder(args, targets, hf_config.text_config.num_hidden_layers)
+
+
+def _from_peft_folder(args, targets, num_layers: int) -> LoraSettings:
+    from megatron_patch.models.idefics2.peft_adapter import PeftAdapterError, check_layers, read_adapter_settings
+
+    try:
+        loaded = read_adapter_settings(args.lora_load)
+        check_layers(args.lora_load, num_layers)
+    except PeftAdapterError as err:
+        raise _error(str(err)) from None
+    folder = args.lora_load
+    disagree = [
+        ("--lora-rank", args.lora_rank, loaded.rank, args.lora_rank is not None and args.lora_rank != loaded.rank),
+        ("--lora-alpha", args.lora_alpha, loaded.alpha, args.lora_alpha is not None and args.lora_alpha != loaded.alpha),
+        ("--lora-target-modules", args.lora_target_modules, ",".join(loaded.targets),
+         targets is not None and targets != loaded.targets),
+    ]
+    for flag, given, stored, differs in disagree:
+        if differs:
+            raise _error(f"{flag} {given} disagrees with --lora-load {folder}'s adapter ({stored}); drop {flag}")
+    dropout = args.lora_dropout if args.lora_dropout is not None else loaded.dropout
+    return LoraSettings(loaded.rank, loaded.alpha, dropout, loaded.targets)
+
+
+def apply_lora(model, args, opts) -> None:
+    """Adapters on this rank's model part (after the base weights are loaded, before DDP), filled from
+    --lora-load or initialised as peft does; then every base weight frozen."""
+    from megatron_patch.models.idefics2.lora import add_lora
+    from megatron_patch.models.idefics2.peft_adapter import load_peft_adapter
+    from megatron_patch.training.freezing import freeze_base_for_lora
+
+    add_lora(model, args.lora, opts, seed=args.seed)
+    if args.lora_load:
+        load_peft_adapter(model, args.lora_load, args.lora)
+    freeze_base_for_lora(model)

@@ -1,0 +1,129 @@
+"""LoRA flags: defaults, --lora-load's settings from a peft folder, and one-line refusals."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megatron_patch.training.arguments import ArgumentError, build_parser, validate_args
+
+pytestmark = pytest.mark.unit
+
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _save_adapter(folder, layers=4, targets=TARGETS.split(","), **config):
+    """A peft adapter folder: peft's own adapter_config.json (LoraConfig.save_pretrained) and weights
+    under peft's key names on transformers' Idefics2 (values do not matter to validation)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from megatron_patch.models.idefics2.peft_adapter import peft_key
+
+    folder.mkdir(parents=True)
+    LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": r".*text_model\.layers\.\d+\..*", **config}).save_pretrained(str(folder))
+    save_file({peft_key(i, t, ab): torch.zeros(2, 2) for i in range(layers) for t in targets for ab in "AB"},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    from megatron_patch.testing.tiny import tiny_idefics2_config
+    from megatron_patch.testing.tokenizer_files import build_idefics2_tokenizer_dir, mistral_tokenizer_model_path
+
+    root = tmp_path_factory.mktemp("lora_arguments")
+    tok = build_idefics2_tokenizer_dir(mistral_tokenizer_model_path(), root / "tokenizer")
+    config = tiny_idefics2_config("mistral", image_token_id=32001, fake_image_token_id=32000)
+    config.text_config.vocab_size = 32003  # the Mistral tokenizer with Idefics2's added tokens
+    config.save_pretrained(root / "model")
+    shutil.copytree(tok, root / "model", dirs_exist_ok=True)
+    (root / "data").mkdir()
+    p = {"cfg": root / "model" / "config.json", "data": root / "data", "save": root / "run",
+         "adapter": _save_adapter(root / "adapter"),
+         "adapter_qv": _save_adapter(root / "adapter_qv", targets=["q_proj", "v_proj"], lora_alpha=16),
+         "dora": _save_adapter(root / "dora", use_dora=True),
+         "rslora": _save_adapter(root / "rslora", use_rslora=True),
+         "bias": _save_adapter(root / "bias", bias="all"),
+         "modules_to_save": _save_adapter(root / "modules_to_save", modules_to_save=["connector"]),
+         "layers": _save_adapter(root / "layers", target_modules=TARGETS.split(","), layers_to_transform=[0, 1]),
+         "pattern": _save_adapter(root / "pattern", rank_pattern={"q_proj": 8}),
+         "pissa": _save_adapter(root / "pissa", init_lora_weights="pissa"),
+         "short": _save_adapter(root / "short", layers=2)}
+    vision = root / "vision"
+    shutil.copytree(p["adapter"], vision)
+    from safetensors.torch import save_file
+    save_file({"base_model.model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)},
+              str(vision / "adapter_model.safetensors"))
+    p["vision"] = vision
+    return {k: str(v) for k, v in p.items()}
+
+
+def _validated(paths, *flags):
+    argv = ["--micro-batch-size", "1", "--seq-length", "64", "--train-iters", "2", "--lr", "1e-4",
+            "--data-path", paths["data"], "--model-config", paths["cfg"],
+            *[f.format(**paths) for flag in flags for f in flag.split()]]
+    args = build_parser().parse_args(argv)
+    validate_args(args, 1)
+    return args
+
+
+def test_lora_off_by_default(paths):
+    assert _validated(paths).lora is None
+
+
+def test_lora_rank_defaults(paths):
+    lora = _validated(paths, "--lora-rank 8").lora
+    assert (lora.rank, lora.alpha, lora.scale, lora.dropout) == (8, 8.0, 1.0, 0.0)
+    assert ",".join(lora.targets) == TARGETS
+    lora = _validated(paths, "--lora-rank 8 --lora-alpha 32 --lora-dropout 0.1 --lora-target-modules v_proj,q_proj").lora
+    assert (lora.scale, lora.dropout, lora.targets) == (4.0, 0.1, ("q_proj", "v_proj"))
+
+
+def test_lora_load_reads_rank_alpha_and_targets(paths):
+    lora = _validated(paths, "--lora-load {adapter_qv}").lora
+    assert (lora.rank, lora.alpha, lora.targets) == (4, 16.0, ("q_proj", "v_proj"))
+    assert _validated(paths, "--lora-load {adapter_qv} --lora-rank 4 --lora-target-modules q_proj,v_proj").lora == lora
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("--lora-rank 8 --freeze-llm", "--freeze-llm with LoRA: with LoRA the whole base model is frozen already"),
+    ("--lora-rank 8 --freeze-perceiver", "--freeze-perceiver with LoRA"),
+    ("--lora-rank 8 --save {save}", "--save with LoRA: LoRA checkpoints are not supported yet"),
+    ("--lora-rank 8 --lora-target-modules q_proj,fc1", "--lora-target-modules fc1: only the language model's"),
+    ("--lora-rank 0", "--lora-rank must be >= 1"),
+    ("--lora-alpha 16", "--lora-alpha needs --lora-rank or --lora-load"),
+    ("--lora-rank 8 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
+     "--recompute-granularity full with LoRA is not supported yet"),
+    ("--lora-load {adapter} --lora-rank 8", "--lora-rank 8 disagrees with --lora-load"),
+    ("--lora-load {adapter} --lora-alpha 4", "--lora-alpha 4.0 disagrees with --lora-load"),
+    ("--lora-load {adapter} --lora-target-modules q_proj", "--lora-target-modules q_proj disagrees with --lora-load"),
+    ("--lora-load {dora}", "DoRA (use_dora=True) is not supported"),
+    ("--lora-load {rslora}", "rsLoRA"),
+    ("--lora-load {bias}", "bias training (bias='all') is not supported"),
+    ("--lora-load {modules_to_save}", "modules_to_save"),
+    ("--lora-load {layers}", "layers_to_transform"),
+    ("--lora-load {pattern}", "rank_pattern"),
+    ("--lora-load {pissa}", "init_lora_weights"),
+    ("--lora-load {vision}", "adapters on other modules are not supported yet"),
+    ("--lora-load {short}", "the adapter has 2 language-model layers, the model 4"),
+    ("--lora-load {data}", "no adapter_config.json"),
+])
+def test_lora_refusals_are_one_line(paths, flags, expected):
+    with pytest.raises(ArgumentError) as err:
+        _validated(paths, flags)
+    message = str(err.value)
+    assert "\n" not in message and expected in message, message
+
+
+def test_peft_config_fields_are_known():
+    # Every option a newer peft adds must be judged here (supported or refused), not silently ignored.
+    from peft import LoraConfig
+
+    from megatron_patch.models.idefics2 import peft_adapter
+
+    saved = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+    judged = {key for key, _, _ in peft_adapter._UNSUPPORTED} | peft_adapter.HARMLESS_FIELDS
+    assert set(saved) - judged == set(), sorted(set(saved) - judged)
