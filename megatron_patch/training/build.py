@@ -120,9 +120,9 @@ def _wandb_run_id(ctx: TrainingContext) -> Optional[str]:
     return box[0]
 
 
-def _report_parameters(ctx: TrainingContext, model, trainable: str = "trainable") -> None:
+def _report_parameters(ctx: TrainingContext, model, label: str = "trainable") -> None:
     table = parameter_table(model, ctx.device)
-    ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table, trainable))
+    ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table, label))
 
 
 def build_training(args) -> TrainingContext:
@@ -144,7 +144,7 @@ def build_training(args) -> TrainingContext:
     model = build_model(args.hf_config, opts, init_weights=not args.load)  # loaded weights replace any init
     model.to(ctx.device)
     freeze(model, frozen_components(args))
-    lora = getattr(args, "lora", None)
+    lora = args.lora  # LoraSettings, or None (validate_args)
     if lora is None:
         _report_parameters(ctx, model)
     checkpointer.load_weights(model)  # the base weights: adapters are added after, never loaded here
@@ -152,7 +152,7 @@ def build_training(args) -> TrainingContext:
         apply_lora(model, args, opts)
         ctx.report(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g}, "
                    f"on {','.join(lora.targets)}" + (f", from {args.lora_load}" if args.lora_load else ""))
-        _report_parameters(ctx, model, trainable="LoRA adapters")
+        _report_parameters(ctx, model, label="LoRA adapters")
     ctx.model = wrap_ddp(model, args)
     if not args.skip_train:
         ctx.optimizer = build_optimizer(ctx.model, args)

@@ -57,11 +57,11 @@ def parameter_table(model, device) -> dict:
     return {c: (int(counts[i, 0]), int(counts[i, 1])) for i, c in enumerate(COMPONENTS)}
 
 
-def format_parameter_table(table: dict, trainable: str = "trainable") -> str:
-    """The start-up table of trainable vs frozen parameters per component (with LoRA, `trainable` is
+def format_parameter_table(table: dict, label: str = "trainable") -> str:
+    """The start-up table of trainable vs frozen parameters per component (with LoRA, `label` is
     "LoRA adapters": the only parameters that train)."""
     names = {"vision": "vision tower", "connector": "connector (projection + perceiver)", "llm": "language model"}
-    lines = [f"{'component':<36}{trainable:>14}{'frozen':>14}"]
+    lines = [f"{'component':<36}{label:>14}{'frozen':>14}"]
     for component, (trainable, frozen) in table.items():
         lines.append(f"{names[component]:<36}{trainable:>14,}{frozen:>14,}")
     trainable = sum(t for t, _ in table.values())

@@ -127,3 +127,16 @@ def test_peft_config_fields_are_known():
     saved = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
     judged = {key for key, _, _ in peft_adapter._UNSUPPORTED} | peft_adapter.HARMLESS_FIELDS
     assert set(saved) - judged == set(), sorted(set(saved) - judged)
+
+
+def test_parse_args_exits_2_with_one_line(paths, monkeypatch, capsys):
+    from megatron_patch.training.arguments import parse_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--micro-batch-size", "1", "--seq-length", "64", "--train-iters", "2", "--lr", "1e-4",
+            "--data-path", paths["data"], "--model-config", paths["cfg"], "--lora-rank", "8", "--save", paths["save"]]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert "--save with LoRA: LoRA checkpoints are not supported yet" in lines[0]

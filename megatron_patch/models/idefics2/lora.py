@@ -54,7 +54,7 @@ DEFAULT_TARGETS = tuple(TARGETS)
 HF_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
               "down_proj": "mlp.down_proj"}
-_ORDER = {"linear_qkv": ("k_proj", "q_proj", "v_proj"), "linear_fc1": ("gate_proj", "up_proj")}
+_ORDER = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_fc1": ("gate_proj", "up_proj")}
 ADAPTER_PREFIX = "lora_"
 
 
