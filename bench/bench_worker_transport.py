@@ -194,14 +194,14 @@ def inspect(shards, encoder, collator, args, packed: bool) -> dict:
     raw, wired = items[0], transport.to_wire(items[0])
     replays = defaultdict(list)
     for _ in range(args.rounds * 3):
-        for transport in ("pickle", "wire"):
-            replays[transport].append(replay_pass(items, transport == "wire", args.num_workers))
-    transport = {t: {"items_per_s": round(max(r["items_per_s"] for r in rs), 1),
+        for kind in ("pickle", "wire"):
+            replays[kind].append(replay_pass(items, kind == "wire", args.num_workers))
+    replayed = {t: {"items_per_s": round(max(r["items_per_s"] for r in rs), 1),
                      "main_cpu_ms_per_item": round(min(r["main_cpu_ms_per_item"] for r in rs), 3)}
                  for t, rs in replays.items()}
     return {"leaves_pickle": leaf_types(raw), "leaves_wire": leaf_types(wired),
             "cost_pickle": transport_cost(raw), "cost_wire": transport_cost(wired),
-            "transport_pickle": transport["pickle"], "transport_wire": transport["wire"],
+            "transport_pickle": replayed["pickle"], "transport_wire": replayed["wire"],
             "transport_wire_over_pickle_per_round": [round(b["items_per_s"] / a["items_per_s"], 2)
                                                      for a, b in zip(replays["pickle"], replays["wire"])]}
 
@@ -239,9 +239,9 @@ def main(argv=None):
             info = inspect(shards, encoder, collator, args, packed)
             runs = defaultdict(list)
             for _ in range(args.rounds):
-                for transport in ("pickle", "wire"):
-                    runs[transport].append(one_pass(make_loader(shards, encoder, collator, args, packed,
-                                                                transport == "wire")))
+                for kind in ("pickle", "wire"):
+                    runs[kind].append(one_pass(make_loader(shards, encoder, collator, args, packed,
+                                                           kind == "wire")))
             best = {t: {"samples_per_s": round(max(r["samples_per_s"] for r in rs), 2),
                         "main_cpu_ms_per_batch": round(min(r["main_cpu_ms_per_batch"] for r in rs), 2),
                         "main_cpu_ms_per_sample": round(min(r["main_cpu_ms_per_sample"] for r in rs), 2),
