@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_optimizer_checkpoint import SIZES, _model_config
+from bench.bench_optimizer_checkpoint import SIZES, _model_config, parse_bench_args
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = ["--save-interval", "2", "--save-total-limit", "1"]  # one folder kept: ~6 GB a save at 400m
@@ -78,11 +78,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="400m")
     p.add_argument("--iters", type=int, default=6)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "async_save.json"))
-    p.add_argument("--rank-main", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.rank_main is not None:
-        _rank_main(args.rank_main[1:], args.rank_main[0])
+    args = parse_bench_args(p, argv, "async_save.json", _rank_main)
+    if args is None:
         return
     from tests.training.fixtures import training_inputs
 

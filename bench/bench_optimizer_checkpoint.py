@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # (vision hidden, layers), (text hidden, FFN, layers): Idefics2-shaped, GQA with 4 KV heads.
-SIZES = {"60m": ((256, 4), (512, 1536, 4)), "400m": ((768, 12), (1024, 4096, 16))}
+SIZES = {"60m": ((256, 4), (512, 1536, 4)), "400m": ((768, 12), (1024, 4096, 16)),
+         "1b": ((768, 12), (2048, 5632, 16))}
 
 
 class PeakRSS:
@@ -157,15 +158,24 @@ def _summary(result: dict) -> dict:
     return {k: {"max": max(r[k] for r in ranks), "min": min(r[k] for r in ranks)} for k in keys}
 
 
+def parse_bench_args(p: argparse.ArgumentParser, argv, result_name: str, rank_main):
+    """The bench's arguments with `--out` (default bench/results/`result_name`) and the hidden
+    `--rank-main OUT FLAGS...` a rank is launched with: then runs `rank_main(FLAGS, OUT)` and returns None."""
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / result_name))
+    p.add_argument("--rank-main", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rank_main is not None:
+        rank_main(args.rank_main[1:], args.rank_main[0])
+        return None
+    return args
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="400m")
     p.add_argument("--before", default=None, metavar="COMMIT", help="also measure the code at this commit")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "optimizer_checkpoint.json"))
-    p.add_argument("--rank-main", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.rank_main is not None:
-        _rank_main(args.rank_main[1:], args.rank_main[0])
+    args = parse_bench_args(p, argv, "optimizer_checkpoint.json", _rank_main)
+    if args is None:
         return
     from tests.training.fixtures import training_inputs
 

@@ -10,7 +10,8 @@
       "decoder_first_pipeline_num_layers": null,    (LLM layers on stage 0 when uneven)
       "num_tensors": 412,                           (over all rank folders)
       "total_bytes": 16060000000,
-      "created_by": "hf2mcore"
+      "created_by": "hf2mcore",
+      "lora": null                                  (a LoRA checkpoint: its adapters and base, adapters.py)
     }
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from megatron_patch.models.idefics2.weight_mapping import PipelineLayout
 INFO_FILE = "checkpoint_info.json"
 FORMAT = "megatron_patch.idefics2.per_rank_safetensors"
 FORMAT_VERSION = 1
+_LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class CheckpointInfo:
     num_tensors: int = 0
     total_bytes: int = 0
     created_by: str = ""
+    lora: Optional[dict] = None  # a LoRA checkpoint (adapters only): rank, alpha, dropout, targets, base
     model_type: str = "idefics2"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -51,6 +54,11 @@ class CheckpointInfo:
             decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
             **overrides,
         )
+
+    @property
+    def adapter_targets(self) -> Optional[tuple]:
+        """The projections a LoRA checkpoint's adapters sit on (None: a full checkpoint)."""
+        return None if self.lora is None else tuple(self.lora["targets"])
 
     def pipeline_layout(self, hf_config) -> PipelineLayout:
         return PipelineLayout(
@@ -93,5 +101,8 @@ class CheckpointInfo:
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if not isinstance(data[key], int) or data[key] < 1:
                 raise CheckpointError(f"{path}: {key} must be a positive integer, got {data[key]!r}")
+        lora = data.get("lora")
+        if lora is not None and (not isinstance(lora, dict) or any(k not in lora for k in _LORA_KEYS)):
+            raise CheckpointError(f"{path}: lora must hold {', '.join(_LORA_KEYS)}, got {lora!r}")
         data["iteration"] = parse_iteration(data["iteration"])
         return cls(**data)

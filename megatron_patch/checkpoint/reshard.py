@@ -24,9 +24,9 @@ from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_emb
 from megatron_patch.models.idefics2.weight_mapping import (
     KVCopyMismatch,
     TensorMapping,
+    checkpoint_mappings,
     hf_to_mcore,
     mcore_to_hf,
-    tensor_mappings,
 )
 
 
@@ -48,9 +48,10 @@ class ShardedCheckpoint:
         except ValueError as err:
             raise CheckpointError(f"{self.dir}: saved layout does not fit its config: {err}") from None
         self.tied = tied_word_embeddings(self.hf_config)
+        self.mappings = checkpoint_mappings(self.hf_config, self.info.adapter_targets)  # a LoRA one: adapters
         self._readers: dict[tuple, RankReader] = {}
         self._source: dict[str, tuple] = {}  # HF name -> (mapping, stage, local) it is merged from
-        for m in tensor_mappings(self.hf_config):
+        for m in self.mappings:
             placements = self.layout.placements(m, self.tied)
             for name in m.hf:
                 if placements and name not in self._source:
@@ -121,12 +122,13 @@ def load_model_weights(model, ckpt_dir, opts: ParallelOptions, iteration: Option
     from a checkpoint saved at any layout.
 
     Needs megatron-core's parallel state (the target TP/PP ranks). Returns the iteration loaded.
-    Every parameter of the part must be filled, each with the shape the model expects.
+    Every parameter of the part must be filled, each with the shape the model expects; from a LoRA
+    checkpoint, every adapter (the base comes from its own checkpoint).
     """
     from megatron_patch.models.idefics2.model_loading import load_hf_weights, unwrap
 
     iteration, folder = resolve_iteration(ckpt_dir, iteration)
     source = ShardedCheckpoint(folder, hf_config)
     validate_layout(source.hf_config, opts)
-    load_hf_weights(unwrap(model), source.hf_tensor, source.hf_config, opts)
+    load_hf_weights(unwrap(model), source.hf_tensor, source.hf_config, opts, source.mappings)
     return iteration

@@ -23,17 +23,18 @@ from megatron_patch.checkpoint.layout import Iteration, parse_iteration, rank_di
 from megatron_patch.checkpoint.model_files import RankReader, write_rank_tensors
 from megatron_patch.checkpoint.verify import verify_rank_folders
 from megatron_patch.models.idefics2.config import ParallelOptions
-from megatron_patch.models.idefics2.model_loading import local_tensors, pipeline_layout, unwrap
+from megatron_patch.models.idefics2.model_loading import is_adapter_parameter, local_tensors, pipeline_layout, unwrap
 
 
 class ModelWeights:
     """This rank's model part; `config_source`: a folder whose tokenizer/processor files are carried
-    into `hf_config/` (the loaded checkpoint's `hf_config/` or the HF folder training started from)."""
+    into `hf_config/` (the loaded checkpoint's `hf_config/` or the HF folder training started from).
+    `lora`: a LoRA run's record (checkpoint/adapters.py): only the adapters are saved."""
 
     def __init__(self, model, iteration: Iteration, hf_config, opts: ParallelOptions,
-                 config_source: Optional[Path] = None):
+                 config_source: Optional[Path] = None, lora: Optional[dict] = None):
         self.model, self.iteration, self.hf_config, self.opts = model, parse_iteration(iteration), hf_config, opts
-        self.config_source = config_source
+        self.config_source, self.lora = config_source, lora
 
     def snapshot(self, copy: bool) -> Callable[[Path], None]:
         """The writer of this rank's files; with `copy`, of host copies taken now (an asynchronous
@@ -45,6 +46,8 @@ class ModelWeights:
         name = rank_dir_name(tp_rank, stage, self.opts.pipeline_model_parallel_size)
         model = unwrap(self.model)
         tensors = local_tensors(model, self.opts)  # host copies of GPU parameters; CPU ones as they are
+        if self.lora is not None:  # the frozen base is in its own checkpoint
+            tensors = {key: tensor for key, tensor in tensors.items() if is_adapter_parameter(key)}
         if copy and next(model.parameters()).device.type == "cpu":
             tensors = {key: tensor.clone() for key, tensor in tensors.items()}
         return lambda staging: write_rank_tensors(staging / name, tensors)
@@ -55,7 +58,7 @@ class ModelWeights:
     def finish(self, staging: Path) -> None:
         opts = self.opts
         layout = pipeline_layout(self.hf_config, opts)
-        tensors = verify_rank_folders(staging, self.hf_config, layout, opts.tensor_model_parallel_size)
+        tensors = verify_rank_folders(staging, self.hf_config, layout, opts.tensor_model_parallel_size, lora=self.lora)
         total = sum(RankReader(d).total_size for d in staging.glob("mp_rank_*"))
         CheckpointInfo(
             iteration=self.iteration,
@@ -65,6 +68,7 @@ class ModelWeights:
             num_tensors=tensors,
             total_bytes=total,
             created_by="training",
+            lora=self.lora,
         ).write(staging)
         write_config_dir(staging / HF_CONFIG_DIR, self.hf_config, self.config_source)
 

@@ -19,25 +19,40 @@ from megatron_patch.checkpoint.errors import CheckpointError
 from megatron_patch.checkpoint.layout import rank_dir_name
 from megatron_patch.checkpoint.model_files import RankReader
 from megatron_patch.models.idefics2.config import tied_word_embeddings
-from megatron_patch.models.idefics2.weight_mapping import PipelineLayout, hf_tensor_names, hf_to_mcore, tensor_mappings
+from megatron_patch.models.idefics2.weight_mapping import (
+    PipelineLayout,
+    adapter_base_weight,
+    adapter_mappings,
+    checkpoint_mappings,
+    hf_tensor_names,
+    hf_to_mcore,
+)
 
 
-def hf_tensor_shapes(hf_config) -> dict[str, tuple]:
-    """Every HF tensor name of the model (tied head counted once) -> shape."""
+def hf_tensor_shapes(hf_config, lora=None) -> dict[str, tuple]:
+    """Every HF tensor name of the model (tied head counted once) -> shape; with `lora` (a LoRA
+    checkpoint's record), of its adapters: A [rank, in] and B [out, rank] of each base projection."""
     from transformers import Idefics2ForConditionalGeneration
 
     with torch.device("meta"):
         model = Idefics2ForConditionalGeneration(hf_config)
     state = model.state_dict()
-    return {name: tuple(state[name].shape) for name in hf_tensor_names(hf_config)}
+    if lora is None:
+        return {name: tuple(state[name].shape) for name in hf_tensor_names(hf_config)}
+    shapes = {}
+    for m in adapter_mappings(hf_config, lora["targets"]):
+        out_features, in_features = state[adapter_base_weight(m.hf[0])].shape
+        shapes[m.hf[0]] = (lora["rank"], in_features) if ".lora_A." in m.hf[0] else (out_features, lora["rank"])
+    return shapes
 
 
-def rank_tensor_shapes(hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None) -> dict[tuple, dict[str, tuple]]:
+def rank_tensor_shapes(hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None,
+                       lora=None) -> dict[tuple, dict[str, tuple]]:
     """(pipeline stage, TP rank) -> {local canonical name: shape} for a checkpoint at this layout."""
-    hf_shapes = hf_shapes or hf_tensor_shapes(hf_config)
+    hf_shapes = hf_shapes or hf_tensor_shapes(hf_config, lora)
     tied = tied_word_embeddings(hf_config)
     out = {(s, r): {} for s in range(layout.pipeline_size) for r in range(tp_size)}
-    for m in tensor_mappings(hf_config):
+    for m in checkpoint_mappings(hf_config, None if lora is None else lora["targets"]):
         meta = [torch.empty(hf_shapes[name], device="meta") for name in m.hf]
         for stage, local in layout.placements(m, tied):
             for r in range(tp_size):
@@ -45,10 +60,11 @@ def rank_tensor_shapes(hf_config, layout: PipelineLayout, tp_size: int, hf_shape
     return out
 
 
-def verify_rank_folders(folder, hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None) -> int:
-    """Raise CheckpointError on the first discrepancy; returns the number of tensors checked."""
+def verify_rank_folders(folder, hf_config, layout: PipelineLayout, tp_size: int, hf_shapes=None, lora=None) -> int:
+    """Raise CheckpointError on the first discrepancy; returns the number of tensors checked. `lora`:
+    the record of a LoRA checkpoint, which holds its adapters only."""
     folder = Path(folder)
-    expected = rank_tensor_shapes(hf_config, layout, tp_size, hf_shapes)
+    expected = rank_tensor_shapes(hf_config, layout, tp_size, hf_shapes, lora)
     checked = 0
     for (stage, tp_rank), shapes in sorted(expected.items()):
         reader = RankReader(folder / rank_dir_name(tp_rank, stage, layout.pipeline_size))

@@ -212,7 +212,7 @@ def validate_args(args, world_size: int) -> None:
     _check_data_paths(args)
     hf_config, tokenizer_dir, iteration = _model_source(args)
     _check_model(args, hf_config, world_size)
-    check_lora_args(args, hf_config)  # sets args.lora (None without --lora-rank / --lora-load)
+    check_lora_args(args, hf_config, iteration)  # sets args.lora, args.lora_record, args.base_load, ...
 
     args.data_parallel_size = dp
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)

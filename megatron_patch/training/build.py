@@ -150,6 +150,7 @@ def build_training(args) -> TrainingContext:
     checkpointer.load_weights(model)  # the base weights: adapters are added after, never loaded here
     if lora is not None:
         apply_lora(model, args, opts)
+        checkpointer.load_adapters(model)  # resuming a LoRA checkpoint: its adapters
         ctx.report(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g}, "
                    f"on {','.join(lora.targets)}" + (f", from {args.lora_load}" if args.lora_load else ""))
         _report_parameters(ctx, model, label="LoRA adapters")

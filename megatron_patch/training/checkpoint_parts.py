@@ -199,7 +199,7 @@ class OptimizerState(Part):
         for key in self.keys:
             source = ShardedCheckpoint(folder, prefix=f"{key}/", reader_class=OptimizerPartsReader)
             if mappings is None:
-                mappings = stage_mappings(source.hf_config, self.opts, stage)
+                mappings = stage_mappings(source.hf_config, self.opts, stage, source.mappings)
             for name, param in trainable_parameters(self.model, self.opts):
                 if param not in views:
                     continue  # distributed optimizer: no part of this parameter lives on this DP rank

@@ -1,7 +1,8 @@
 """The one owner of a run's checkpoints: what is saved, when, and what a resume restores.
 
     checkpointer = Checkpointer(settings.checkpoint, hf_config, opts, device, report)
-    checkpointer.load_weights(model)                  # --load, before the optimizer copies them
+    checkpointer.load_weights(model)                  # --load (or a LoRA checkpoint's base), before the optimizer
+    checkpointer.load_adapters(model)                 # a LoRA checkpoint's adapters, once apply_lora added them
     resumed = checkpointer.resume(model, optimizer, scheduler)   # -> Resumed(state, loader_state)
     checkpointer.attach_loader(train_loader)          # its position is saved from now on
     ...
@@ -88,10 +89,18 @@ class Checkpointer:
         self.pending: Optional[BackgroundSave] = None  # --async-save: the save being written
 
     def load_weights(self, model) -> None:
-        """--load's weights into this rank's model part (any saved layout), before DDP and the optimizer."""
+        """The base weights into this rank's model part (any saved layout), before DDP and the
+        optimizer: --load's, or those of the base a LoRA checkpoint given to --load names."""
         s = self.settings
-        if s.load:
-            self.report(f"loading weights from {s.load} (iteration {s.load_iteration or 'from the tracker'})")
+        if s.base_load:
+            self.report(f"loading weights from {s.base_load} (iteration {s.base_iteration or 'from the tracker'})")
+            load_model_weights(model, s.base_load, self.opts, iteration=s.base_iteration)
+
+    def load_adapters(self, model) -> None:
+        """A LoRA checkpoint's adapters (--load), into the adapters `apply_lora` added (any saved layout)."""
+        s = self.settings
+        if s.load_adapters:
+            self.report(f"loading LoRA adapters from {s.load} (iteration {s.load_iteration})")
             load_model_weights(model, s.load, self.opts, iteration=s.load_iteration)
 
     def resume(self, model, optimizer, scheduler) -> Resumed:
@@ -149,7 +158,8 @@ class Checkpointer:
         record = {}
         for part in self.parts:
             record.update(part.record())
-        weights = ModelWeights(self.model, iteration, self.hf_config, self.opts, Path(self.settings.config_source))
+        weights = ModelWeights(self.model, iteration, self.hf_config, self.opts, Path(self.settings.config_source),
+                               lora=self.settings.lora)
         copy, keep = self.settings.async_save, self.settings.save_total_limit
         writers = [weights.snapshot(copy), *(p.snapshot(copy) for p in self.parts), _train_state_writer(record)]
         self.saved_at = iteration

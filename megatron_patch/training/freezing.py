@@ -30,7 +30,7 @@ def freeze(model, frozen) -> None:
 def freeze_base_for_lora(model) -> None:
     """With LoRA every base weight (vision tower, connector, language model) is frozen, as peft does;
     only the adapters (models/idefics2/lora.py) train."""
-    from megatron_patch.models.idefics2.lora import is_adapter_parameter
+    from megatron_patch.models.idefics2.model_loading import is_adapter_parameter
 
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))

@@ -5,10 +5,20 @@
     --lora-dropout P              on the adapters' input, as peft (default 0)
     --lora-target-modules NAMES   peft's names on transformers' Idefics2 text model (default: all seven)
     --lora-load PEFT_DIR          start from a peft adapter folder: rank, alpha, targets from it
+    --lora-base CKPT              resuming a LoRA checkpoint: its base, when not at the recorded path
 
-`check_lora_args` (called by `validate_args`) sets `args.lora` to a `LoraSettings` or None.
+A LoRA run starts from a full checkpoint (`--load BASE`, a release or with --finetune) and saves
+its adapters alone, recording BASE (checkpoint/adapters.py). `--load` of a LoRA checkpoint resumes
+it: rank, alpha and targets come from it, the base weights from the recorded base (or --lora-base),
+checked to be the same weights.
+
+`check_lora_args` (called by `validate_args`) sets `args.lora` (a `LoraSettings` or None),
+`args.lora_record` (what saves record, or None), `args.base_load` / `args.base_iteration` (the full
+checkpoint the base weights come from) and `args.load_adapters` (--load holds adapters).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, LoraSettings
 
@@ -26,6 +36,8 @@ def add_lora_arguments(parser) -> None:
                    help=f"comma-separated peft module names of the language model (default: {','.join(DEFAULT_TARGETS)})")
     g.add_argument("--lora-load", default=None, metavar="PEFT_DIR",
                    help="start from a peft adapter folder (adapter_config.json + adapter_model.safetensors)")
+    g.add_argument("--lora-base", default=None, metavar="CKPT",
+                   help="resuming a LoRA checkpoint (--load): the base checkpoint, if moved from the recorded path")
 
 
 def _error(message: str):
@@ -45,24 +57,35 @@ def _targets(text: str) -> tuple:
     return tuple(n for n in DEFAULT_TARGETS if n in names)
 
 
-def check_lora_args(args, hf_config) -> None:
-    """Validate the LoRA flags (one line naming the flag); set `args.lora` (LoraSettings or None)."""
-    args.lora = None
-    on = args.lora_rank is not None or args.lora_load is not None
+def _saved_lora(args, iteration):
+    """The "lora" record of --load's checkpoint (None: a full checkpoint, or no --load)."""
+    from megatron_patch.checkpoint.info import CheckpointInfo
+    from megatron_patch.checkpoint.layout import resolve_iteration
+
+    if not args.load:
+        return None, None
+    _, folder = resolve_iteration(args.load, iteration)
+    return CheckpointInfo.read(folder).lora, folder
+
+
+def check_lora_args(args, hf_config, iteration=None) -> None:
+    """Validate the LoRA flags (one line naming the flag); set `args.lora`, `args.lora_record`,
+    `args.base_load`, `args.base_iteration` and `args.load_adapters` (module docstring)."""
+    from megatron_patch.checkpoint.adapters import base_record, check_base, lora_record
+    from megatron_patch.checkpoint.errors import CheckpointError
+
+    args.lora, args.lora_record, args.load_adapters = None, None, False
+    args.base_load, args.base_iteration = args.load, iteration
+    saved, folder = _saved_lora(args, iteration)
+    on = args.lora_rank is not None or args.lora_load is not None or saved is not None
     if not on:
-        for dest in ("lora_alpha", "lora_dropout", "lora_target_modules"):
+        for dest in ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_base"):
             if getattr(args, dest) is not None:
                 raise _error(f"--{dest.replace('_', '-')} needs --lora-rank or --lora-load (LoRA is off)")
         return
     for flag, dest in _FREEZE:
         if getattr(args, dest):
             raise _error(f"{flag} with LoRA: with LoRA the whole base model is frozen already; drop {flag}")
-    if args.save:
-        raise _error("--save with LoRA: LoRA checkpoints are not supported yet; drop --save (LoRA runs train "
-                     "and evaluate without saving in this version)")
-    if args.load and not args.finetune:
-        raise _error("--load with LoRA needs --finetune: resuming a LoRA run is not supported yet, only starting "
-                     "from a base checkpoint's weights")
     if args.transformer_impl == "transformer_engine":
         raise _error("--transformer-impl transformer_engine with LoRA is not supported yet; use --transformer-impl local")
     if args.recompute_granularity == "full":
@@ -75,12 +98,57 @@ def check_lora_args(args, hf_config) -> None:
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise _error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
     targets = None if args.lora_target_modules is None else _targets(args.lora_target_modules)
+    if saved is not None:
+        args.lora = _from_checkpoint(args, targets, saved, folder)
+        try:
+            args.base_load, args.base_iteration = check_base(saved, folder, args.lora_base)
+        except CheckpointError as err:
+            raise _error(str(err)) from None
+        args.load_adapters = True
+        args.lora_record = {**saved, "base": {**saved["base"], "path": str(Path(args.base_load).resolve())},
+                            "dropout": args.lora.dropout}
+        return
+    if args.lora_base is not None:
+        raise _error(f"--lora-base is the base of a LoRA checkpoint given to --load; {args.load or 'no --load'} is "
+                     "not one (starting LoRA, the base is --load itself)")
+    if args.load and not args.finetune and iteration != "release":
+        raise _error(f"--load {args.load} is a full checkpoint at iteration {iteration}: start LoRA on it with "
+                     "--finetune (resuming continues LoRA checkpoints only)")
+    if args.save and not args.load:
+        raise _error("--save with LoRA needs --load BASE: a LoRA checkpoint holds the adapters alone and names "
+                     "the base checkpoint they train")
     if args.lora_load is None:
         rank = args.lora_rank
         args.lora = LoraSettings(rank, float(args.lora_alpha if args.lora_alpha is not None else rank),
                                  args.lora_dropout or 0.0, targets or DEFAULT_TARGETS)
-        return
-    args.lora = _from_peft_folder(args, targets, hf_config.text_config.num_hidden_layers)
+    else:
+        args.lora = _from_peft_folder(args, targets, hf_config.text_config.num_hidden_layers)
+    if args.save:
+        args.lora_record = lora_record(args.lora, base_record(args.load, iteration))
+
+
+def _agreeing(args, targets, loaded: LoraSettings, source: str) -> LoraSettings:
+    """The settings of adapters loaded from `source`; flags naming another rank, alpha or targets are
+    refused; --lora-dropout may change the dropout."""
+    disagree = [
+        ("--lora-rank", args.lora_rank, loaded.rank, args.lora_rank is not None and args.lora_rank != loaded.rank),
+        ("--lora-alpha", args.lora_alpha, loaded.alpha, args.lora_alpha is not None and args.lora_alpha != loaded.alpha),
+        ("--lora-target-modules", args.lora_target_modules, ",".join(loaded.targets),
+         targets is not None and targets != loaded.targets),
+    ]
+    for flag, given, stored, differs in disagree:
+        if differs:
+            raise _error(f"{flag} {given} disagrees with {source}'s adapter ({stored}); drop {flag}")
+    dropout = args.lora_dropout if args.lora_dropout is not None else loaded.dropout
+    return LoraSettings(loaded.rank, loaded.alpha, dropout, loaded.targets)
+
+
+def _from_checkpoint(args, targets, saved: dict, folder) -> LoraSettings:
+    if args.lora_load is not None:
+        raise _error(f"--lora-load with --load {args.load}: that LoRA checkpoint's adapters are loaded; "
+                     "drop --lora-load")
+    loaded = LoraSettings.from_record(saved)
+    return _agreeing(args, targets, loaded, f"--load {folder}")
 
 
 def _from_peft_folder(args, targets, num_layers: int) -> LoraSettings:
@@ -91,18 +159,7 @@ def _from_peft_folder(args, targets, num_layers: int) -> LoraSettings:
         check_layers(args.lora_load, num_layers)
     except PeftAdapterError as err:
         raise _error(str(err)) from None
-    folder = args.lora_load
-    disagree = [
-        ("--lora-rank", args.lora_rank, loaded.rank, args.lora_rank is not None and args.lora_rank != loaded.rank),
-        ("--lora-alpha", args.lora_alpha, loaded.alpha, args.lora_alpha is not None and args.lora_alpha != loaded.alpha),
-        ("--lora-target-modules", args.lora_target_modules, ",".join(loaded.targets),
-         targets is not None and targets != loaded.targets),
-    ]
-    for flag, given, stored, differs in disagree:
-        if differs:
-            raise _error(f"{flag} {given} disagrees with --lora-load {folder}'s adapter ({stored}); drop {flag}")
-    dropout = args.lora_dropout if args.lora_dropout is not None else loaded.dropout
-    return LoraSettings(loaded.rank, loaded.alpha, dropout, loaded.targets)
+    return _agreeing(args, targets, loaded, f"--lora-load {args.lora_load}")
 
 
 def apply_lora(model, args, opts) -> None:

@@ -46,6 +46,10 @@ class CheckpointSettings:
     load: Optional[str]  # checkpoint folder to start from
     load_iteration: Optional[Union[int, str]]  # resolved iteration of --load (an int or "release")
     finetune: bool  # weights only: start at iteration 0 with a new schedule and optimizer
+    base_load: Optional[str]  # full checkpoint the base weights come from (--load, or a LoRA checkpoint's base)
+    base_iteration: Optional[Union[int, str]]
+    load_adapters: bool  # --load is a LoRA checkpoint: its adapters are loaded after the base
+    lora: Optional[dict]  # a LoRA run's record (checkpoint/adapters.py): saves hold the adapters alone
     save_optim: bool
     load_optim: bool
     load_rng: bool
@@ -91,6 +95,8 @@ def run_settings(args) -> RunSettings:
         save=args.save, save_interval=args.save_interval or None, save_total_limit=args.save_total_limit,
         async_save=bool(args.async_save),
         load=args.load, load_iteration=args.load_iteration, finetune=bool(args.finetune),
+        base_load=args.base_load, base_iteration=args.base_iteration, load_adapters=args.load_adapters,
+        lora=args.lora_record,
         save_optim=not args.no_save_optim, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
         config_source=str(args.tokenizer_dir), seed=args.seed, optimizer=args.optimizer,
         sgd_momentum=args.sgd_momentum, pack_sequences=bool(args.pack_sequences))

@@ -7,7 +7,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_patch.models.idefics2.config import ParallelOptions
-from megatron_patch.models.idefics2.lora import TARGETS, add_lora
+from megatron_patch.models.idefics2.lora import add_lora
+from megatron_patch.models.idefics2.weight_mapping import COLUMN, LORA_PROJECTIONS
 from megatron_patch.models.idefics2.peft_adapter import gather_adapter_tensors, load_peft_adapter, read_adapter_settings
 from megatron_patch.platform import init_distributed
 from megatron_patch.testing.parity import hf_outputs, megatron_outputs, random_inputs
@@ -22,11 +23,14 @@ TEXT_MODEL_TARGETS = r".*text_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_pro
 SOME_TARGETS = r".*text_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|v_proj|o_proj|up_proj)"
 
 
-def save_peft_adapter(folder, rank: int = 4, alpha: float = 12.0, seed: int = 5, targets: str = TEXT_MODEL_TARGETS) -> None:
-    """A peft adapter whose A and B are both random (B non-zero: it changes the output), saved by peft."""
+def save_peft_adapter(folder, rank: int = 4, alpha: float = 12.0, seed: int = 5, targets: str = TEXT_MODEL_TARGETS,
+                      hf_model=None) -> None:
+    """A peft adapter whose A and B are both random (B non-zero: it changes the output), saved by peft, on
+    `hf_model` (default: the tiny model of these cases)."""
     from peft import LoraConfig, get_peft_model
 
-    _, hf_model = tiny_hf_model(TEXT, False)
+    if hf_model is None:
+        _, hf_model = tiny_hf_model(TEXT, False)
     peft_model = get_peft_model(hf_model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -102,7 +106,7 @@ def assemble_adapter_grads(gathered, tp: int) -> dict:
     for key, shards in by_key.items():
         parts = [shards[r] for r in range(tp)]
         projection, ab = key.split(".")[-3], key.split(".")[-2][-1]
-        kind = TARGETS[projection][1]
+        kind = "column" if LORA_PROJECTIONS[projection][2] == COLUMN else "row"
         if (kind, ab) == ("column", "B"):
             out[key] = torch.cat(parts, dim=0)
         elif (kind, ab) == ("row", "A"):

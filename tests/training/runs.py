@@ -86,7 +86,7 @@ def loaded_optimizer_state(flags: list) -> dict | None:
 def _gather_states(per_key: dict, ctx):
     from megatron_patch.models.idefics2.config import tied_word_embeddings
     from megatron_patch.models.idefics2.model_loading import pipeline_layout
-    from megatron_patch.models.idefics2.weight_mapping import mcore_to_hf, tensor_mappings
+    from megatron_patch.models.idefics2.weight_mapping import adapter_mappings, mcore_to_hf, tensor_mappings
 
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(per_key, gathered, dst=0)
@@ -95,11 +95,13 @@ def _gather_states(per_key: dict, ctx):
     layout = pipeline_layout(ctx.hf_config, ctx.opts)
     tp_size = ctx.opts.tensor_model_parallel_size
     tied = tied_word_embeddings(ctx.hf_config)
+    mappings = tensor_mappings(ctx.hf_config) + (adapter_mappings(ctx.hf_config, ctx.args.lora.targets)
+                                                 if ctx.args.lora else [])
     out = {}
     for key in per_key:
         shards = {k: v for part in gathered for k, v in part[key].items()}
         hf = {}
-        for m in tensor_mappings(ctx.hf_config):
+        for m in mappings:
             for stage, local in layout.placements(m, tied)[:1]:
                 if (stage, 0, local) in shards:
                     hf.update(zip(m.hf, mcore_to_hf(m, [shards[(stage, r, local)] for r in range(tp_size)])))
@@ -111,12 +113,12 @@ def saved_optimizer_state(iteration_dir, keys) -> dict:
     """The optimizer state a checkpoint holds, HF-named, merged from its rank folders' parts."""
     from megatron_patch.checkpoint.optimizer_parts import OptimizerPartsReader
     from megatron_patch.checkpoint.reshard import ShardedCheckpoint
-    from megatron_patch.models.idefics2.weight_mapping import hf_tensor_names
 
     out = {}
     for key in keys:
         source = ShardedCheckpoint(iteration_dir, prefix=f"{key}/", reader_class=OptimizerPartsReader)
-        out[key] = {name: source.hf_tensor(name) for name in hf_tensor_names(source.hf_config)}
+        names = dict.fromkeys(name for m in source.mappings for name in m.hf)  # a LoRA checkpoint: adapters
+        out[key] = {name: source.hf_tensor(name) for name in names}
     return out
 
 

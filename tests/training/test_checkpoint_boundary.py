@@ -14,7 +14,9 @@ pytestmark = pytest.mark.unit
 
 TRAINING = Path(megatron_patch.training.__file__).parent
 OWNERS = {"checkpointer.py", "checkpoint_parts.py"}  # save and resume
-VALIDATION = {"arguments.py"}  # reads --load's tracker, checkpoint_info.json and hf_config/ before the build
+# Flag validation, before the build: --load's tracker, checkpoint_info.json and hf_config/; the LoRA
+# flags' (lora.py): a LoRA checkpoint's record, and the fingerprint of the base it names.
+VALIDATION = {"arguments.py", "lora.py"}
 IMPORT = re.compile(r"^\s*from\s+megatron_patch\.checkpoint(\.\w+)?\s+import\s+\(?([^)\n]*(?:\n[^)]*)?)\)?", re.M)
 
 

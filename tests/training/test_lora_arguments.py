@@ -91,7 +91,8 @@ def test_lora_load_reads_rank_alpha_and_targets(paths):
 @pytest.mark.parametrize("flags,expected", [
     ("--lora-rank 8 --freeze-llm", "--freeze-llm with LoRA: with LoRA the whole base model is frozen already"),
     ("--lora-rank 8 --freeze-perceiver", "--freeze-perceiver with LoRA"),
-    ("--lora-rank 8 --save {save}", "--save with LoRA: LoRA checkpoints are not supported yet"),
+    ("--lora-rank 8 --save {save}", "--save with LoRA needs --load BASE"),
+    ("--lora-rank 8 --lora-base {save}", "--lora-base is the base of a LoRA checkpoint given to --load"),
     ("--lora-rank 8 --lora-target-modules q_proj,fc1", "--lora-target-modules fc1: only the language model's"),
     ("--lora-rank 0", "--lora-rank must be >= 1"),
     ("--lora-alpha 16", "--lora-alpha needs --lora-rank or --lora-load"),
@@ -139,4 +140,4 @@ def test_parse_args_exits_2_with_one_line(paths, monkeypatch, capsys):
         parse_args(argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1
-    assert "--save with LoRA: LoRA checkpoints are not supported yet" in lines[0]
+    assert "--save with LoRA needs --load BASE" in lines[0]

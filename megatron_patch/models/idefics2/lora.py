@@ -42,20 +42,10 @@ from megatron.core.tensor_parallel import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-# HF projection -> (megatron-core linear in the layer, column or row parallel).
-TARGETS = {
-    "q_proj": ("self_attention.linear_qkv", "column"), "k_proj": ("self_attention.linear_qkv", "column"),
-    "v_proj": ("self_attention.linear_qkv", "column"), "o_proj": ("self_attention.linear_proj", "row"),
-    "gate_proj": ("mlp.linear_fc1", "column"), "up_proj": ("mlp.linear_fc1", "column"),
-    "down_proj": ("mlp.linear_fc2", "row"),
-}
-DEFAULT_TARGETS = tuple(TARGETS)
-# HF module of each projection inside a text layer (peft's names: `...layers.N.<this>.lora_A.weight`).
-HF_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-              "down_proj": "mlp.down_proj"}
+from megatron_patch.models.idefics2.weight_mapping import COLUMN, LORA_PREFIX, LORA_PROJECTIONS
+
+DEFAULT_TARGETS = tuple(LORA_PROJECTIONS)
 _ORDER = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_fc1": ("gate_proj", "up_proj")}
-ADAPTER_PREFIX = "lora_"
 
 
 @dataclass(frozen=True)
@@ -69,9 +59,10 @@ class LoraSettings:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-
-def is_adapter_parameter(name: str) -> bool:
-    return any(part.startswith(ADAPTER_PREFIX) for part in name.split("."))
+    @classmethod
+    def from_record(cls, record: dict) -> "LoraSettings":
+        """From a LoRA checkpoint's record (checkpoint_info.json's "lora")."""
+        return cls(int(record["rank"]), float(record["alpha"]), float(record["dropout"]), tuple(record["targets"]))
 
 
 class Adapter(nn.Module):
@@ -123,7 +114,7 @@ class _LinearLoRA:
     def __call__(self, linear, args, output):
         x = args[0]
         out, bias = output
-        adapters = {n: getattr(linear, ADAPTER_PREFIX + n) for n in self.names}
+        adapters = {n: getattr(linear, LORA_PREFIX + n) for n in self.names}
         if self.kind == "column":
             x = self._dropout(x, linear, split=self.sp)
             parts = {}
@@ -165,7 +156,7 @@ def _fused_layout(order: tuple, local_sizes: dict, groups: int):
 def _attach(linear, path: str, names: tuple, settings: LoraSettings, generator, config, tp_rank: int,
             tp_size: int) -> None:
     dtype, device = linear.weight.dtype, linear.weight.device
-    kind = TARGETS[names[0]][1]
+    kind = "column" if LORA_PROJECTIONS[names[0]][2] == COLUMN else "row"
     if kind == "column":
         if path.endswith("linear_qkv"):
             d = config.kv_channels
@@ -182,13 +173,13 @@ def _attach(linear, path: str, names: tuple, settings: LoraSettings, generator, 
             _init(adapter, generator, linear.input_size, tp_rank, tp_size)
             _mark(adapter.linear_in.weight, None, linear.sequence_parallel)
             _mark(adapter.linear_out.weight, 0, False)
-            linear.add_module(ADAPTER_PREFIX + n, adapter)
+            linear.add_module(LORA_PREFIX + n, adapter)
     else:
         adapter = Adapter(linear.input_size_per_partition, linear.output_size, settings.rank, dtype, device)
         _init(adapter, generator, linear.input_size, tp_rank, tp_size)
         _mark(adapter.linear_in.weight, 1, False)
         _mark(adapter.linear_out.weight, None, linear.sequence_parallel)
-        linear.add_module(ADAPTER_PREFIX + names[0], adapter)
+        linear.add_module(LORA_PREFIX + names[0], adapter)
         layout = None
     linear.register_forward_hook(_LinearLoRA(linear, kind, names, settings, layout))
 
@@ -220,7 +211,7 @@ def _linears(targets) -> list:
     out = {}
     for name in DEFAULT_TARGETS:
         if name in targets:
-            out.setdefault(TARGETS[name][0], []).append(name)
+            out.setdefault(LORA_PROJECTIONS[name][1], []).append(name)
     return [(path, tuple(names)) for path, names in out.items()]
 
 
@@ -231,9 +222,9 @@ def adapters(model):
         return []
     out = []
     for layer in lm.decoder.layers:
-        for path in dict.fromkeys(p for p, _ in TARGETS.values()):
+        for path in dict.fromkeys(linear for _, linear, _ in LORA_PROJECTIONS.values()):
             linear = layer.get_submodule(path)
             for name, child in linear.named_children():
-                if name.startswith(ADAPTER_PREFIX):
-                    out.append((layer.layer_number - 1, name[len(ADAPTER_PREFIX):], child, linear))
+                if name.startswith(LORA_PREFIX):
+                    out.append((layer.layer_number - 1, name[len(LORA_PREFIX):], child, linear))
     return out

@@ -10,6 +10,7 @@ from megatron_patch.models.idefics2.config import ParallelOptions, tied_word_emb
 from megatron_patch.models.idefics2.layer_specs import canonical_to_module_name, module_to_canonical_name
 from megatron_patch.models.idefics2.weight_mapping import (
     PipelineLayout,
+    LORA_PREFIX,
     TensorMapping,
     hf_to_mcore,
     mcore_to_hf,
@@ -25,27 +26,38 @@ def pipeline_layout(hf_config, opts: ParallelOptions) -> PipelineLayout:
     )
 
 
-def stage_mappings(hf_config, opts: ParallelOptions, stage: int) -> dict[str, TensorMapping]:
-    """Local canonical name -> mapping, for the tensors pipeline stage `stage` holds."""
+def stage_mappings(hf_config, opts: ParallelOptions, stage: int, mappings=None) -> dict[str, TensorMapping]:
+    """Local canonical name -> mapping, for the tensors pipeline stage `stage` holds (of `mappings`:
+    the whole model's by default)."""
     layout = pipeline_layout(hf_config, opts)
     tied = tied_word_embeddings(hf_config)
     out = {}
-    for m in tensor_mappings(hf_config):
+    for m in tensor_mappings(hf_config) if mappings is None else mappings:
         for s, local in layout.placements(m, tied):
             if s == stage:
                 out[local] = m
     return out
 
 
-def load_hf_weights(model, get_hf_tensor: Callable[[str], torch.Tensor], hf_config, opts: ParallelOptions) -> None:
-    """Copy HF tensors into `model` (this rank's part). Every model tensor must be filled exactly once."""
+def is_adapter_parameter(name: str) -> bool:
+    """A LoRA adapter's tensor (models/idefics2/lora.py), not a base weight."""
+    return any(part.startswith(LORA_PREFIX) for part in name.split("."))
+
+
+def load_hf_weights(model, get_hf_tensor: Callable[[str], torch.Tensor], hf_config, opts: ParallelOptions,
+                    mappings=None) -> None:
+    """Copy HF tensors into `model` (this rank's part). Every model tensor must be filled exactly once:
+    every base weight (the default `mappings`: the whole model) or every LoRA adapter (`mappings`
+    of a LoRA checkpoint: `adapter_mappings`)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    adapters = mappings is not None and all(is_adapter_parameter(m.mcore) for m in mappings)
+    params = {k: v for k, v in model.state_dict().items()
+              if not k.endswith("_extra_state") and is_adapter_parameter(k) == adapters}
     filled = set()
     with torch.no_grad():
-        for local, m in stage_mappings(hf_config, opts, stage).items():
+        for local, m in stage_mappings(hf_config, opts, stage, mappings).items():
             name = canonical_to_module_name(local, opts.uses_transformer_engine())
             if name not in params:
                 raise KeyError(f"model has no parameter {name} (mapped from {', '.join(m.hf)})")

@@ -1,8 +1,9 @@
 """A peft LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) of transformers'
-Idefics2, read into the megatron-core adapters of `lora.py`.
+Idefics2: read into the megatron-core adapters of `lora.py`, and written by the exporter.
 
     settings = read_adapter_settings(folder)              # validated before any model is built
     load_peft_adapter(model, folder, hf_config, opts)     # this rank's shards, after add_lora
+    write_peft_adapter(folder, settings, tensors, base)   # full HF-named adapter tensors -> a peft folder
 
 peft saves an adapter under the transformers module names without the adapter's name, e.g.
 `base_model.model.model.text_model.layers.0.self_attn.q_proj.lora_A.weight` ([rank, in]) and
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from megatron_patch.errors import UserError
-from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, HF_MODULES, LoraSettings, adapters
+from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, LoraSettings, adapters
+from megatron_patch.models.idefics2.weight_mapping import LORA_PROJECTIONS
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -92,7 +94,7 @@ def _targets_from_keys(folder: Path, keys) -> tuple:
     for key in keys:
         match = _KEY.match(key)
         projection = match and match.group(3)
-        if not match or HF_MODULES.get(projection) != f"{match.group(2)}.{projection}":
+        if not match or LORA_PROJECTIONS.get(projection, ("",))[0] != f"{match.group(2)}.{projection}":
             raise PeftAdapterError(f"--lora-load {folder}: {key} is outside the language model's q/k/v/o/gate/up/down "
                                    "projections; adapters on other modules are not supported yet")
         seen.setdefault(projection, set()).add((int(match.group(1)), match.group(4)))
@@ -119,7 +121,35 @@ def check_layers(folder, num_layers: int) -> None:
 
 
 def peft_key(layer: int, projection: str, ab: str) -> str:
-    return f"{PEFT_PREFIX}model.text_model.layers.{layer}.{HF_MODULES[projection]}.lora_{ab}.weight"
+    return f"{PEFT_PREFIX}model.text_model.layers.{layer}.{LORA_PROJECTIONS[projection][0]}.lora_{ab}.weight"
+
+
+def target_modules(targets) -> str:
+    """peft's `target_modules` selecting exactly these projections of the language model's layers (a
+    regex: a list of names would also select the perceiver's and the connector's projections)."""
+    by_module = {}
+    for name in targets:
+        module = LORA_PROJECTIONS[name][0].split(".")[0]
+        by_module.setdefault(module, []).append(name)
+    alternatives = "|".join(rf"{module}\.({'|'.join(names)})" for module, names in by_module.items())
+    return rf".*text_model\.layers\.\d+\.({alternatives})"
+
+
+def write_peft_adapter(folder, settings: LoraSettings, tensors: dict, base: str) -> None:
+    """A peft folder from {HF name (`model.text_model.layers.0.self_attn.q_proj.lora_A.weight`): full
+    tensor}; `base` goes into base_model_name_or_path. `PeftModel.from_pretrained` loads it."""
+    from megatron_patch.checkpoint.layout import write_durable
+    from megatron_patch.checkpoint.safetensors_io import write_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "inference_mode": True,
+              "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+              "target_modules": target_modules(settings.targets), "bias": "none", "use_dora": False,
+              "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None}
+    write_safetensors(folder / WEIGHTS, {PEFT_PREFIX + name: t.contiguous() for name, t in tensors.items()},
+                      metadata={"format": "pt"})
+    write_durable(folder / CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def load_peft_adapter(model, folder, settings: LoraSettings) -> None:

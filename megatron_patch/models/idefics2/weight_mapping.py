@@ -127,6 +127,51 @@ def tensor_mappings(hf_config) -> list[TensorMapping]:
     return rows
 
 
+# LoRA adapters (models/idefics2/lora.py) on the language model: HF projection of a text layer ->
+# (its HF module, the megatron-core linear of the layer holding it, that linear's split). Each
+# projection has its own A (`linear_in`, peft's lora_A, [rank, in]) and B (`linear_out`, lora_B,
+# [out, rank]), also inside the fused qkv and fc1. They split like their base linear: a column-parallel
+# base splits B on its output rows (the q, k, v or gate, up rows of the rank's share: plain chunks of
+# the HF rows, whatever the fused layout does with them) and keeps A whole; a row-parallel base splits
+# A on its input columns and keeps B whole.
+LORA_PROJECTIONS = {
+    "q_proj": ("self_attn.q_proj", "self_attention.linear_qkv", COLUMN),
+    "k_proj": ("self_attn.k_proj", "self_attention.linear_qkv", COLUMN),
+    "v_proj": ("self_attn.v_proj", "self_attention.linear_qkv", COLUMN),
+    "o_proj": ("self_attn.o_proj", "self_attention.linear_proj", ROW),
+    "gate_proj": ("mlp.gate_proj", "mlp.linear_fc1", COLUMN),
+    "up_proj": ("mlp.up_proj", "mlp.linear_fc1", COLUMN),
+    "down_proj": ("mlp.down_proj", "mlp.linear_fc2", ROW),
+}
+LORA_PREFIX = "lora_"  # adapter modules are children of their base linear: `linear_qkv.lora_q_proj`
+
+
+def adapter_mappings(hf_config, targets) -> list[TensorMapping]:
+    """The LoRA adapters' tensors on every language-model layer, for the projections in `targets`
+    (HF names such as "q_proj"), in a stable order: what a LoRA checkpoint holds."""
+    rows = []
+    for i in range(hf_config.text_config.num_hidden_layers):
+        for name, (module, linear, split) in LORA_PROJECTIONS.items():
+            if name not in targets:
+                continue
+            a_split, b_split = (REPLICATED, COLUMN) if split == COLUMN else (ROW, REPLICATED)
+            mcore = f"language_model.decoder.layers.{i}.{linear}.{LORA_PREFIX}{name}."
+            hf = f"{HF_TEXT_PREFIX}layers.{i}.{module}."
+            rows.append(TensorMapping(mcore + "linear_in.weight", (hf + "lora_A.weight",), a_split, layer=i, place="layer"))
+            rows.append(TensorMapping(mcore + "linear_out.weight", (hf + "lora_B.weight",), b_split, layer=i, place="layer"))
+    return rows
+
+
+def checkpoint_mappings(hf_config, adapter_targets=None) -> list[TensorMapping]:
+    """The tensors a checkpoint holds: the whole model, or a LoRA checkpoint's adapters alone."""
+    return tensor_mappings(hf_config) if adapter_targets is None else adapter_mappings(hf_config, adapter_targets)
+
+
+def adapter_base_weight(name: str) -> str:
+    """The HF weight an adapter tensor belongs to: `...q_proj.lora_A.weight` -> `...q_proj.weight`."""
+    return name.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+
+
 def hf_tensor_names(hf_config) -> list[str]:
     """HF tensor names the model consists of (each once, in mapping order)."""
     seen = dict.fromkeys(name for m in tensor_mappings(hf_config) for name in m.hf)
