@@ -88,9 +88,6 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
             raise _error(f"{flag} with LoRA: with LoRA the whole base model is frozen already; drop {flag}")
     if args.transformer_impl == "transformer_engine":
         raise _error("--transformer-impl transformer_engine with LoRA is not supported yet; use --transformer-impl local")
-    if args.recompute_granularity == "full":
-        raise _error("--recompute-granularity full with LoRA is not supported yet (the frozen embedding's output "
-                     "needs no grad, so recomputed layers would give the adapters none); use selective or none")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise _error(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:

@@ -96,8 +96,6 @@ def test_lora_load_reads_rank_alpha_and_targets(paths):
     ("--lora-rank 8 --lora-target-modules q_proj,fc1", "--lora-target-modules fc1: only the language model's"),
     ("--lora-rank 0", "--lora-rank must be >= 1"),
     ("--lora-alpha 16", "--lora-alpha needs --lora-rank or --lora-load"),
-    ("--lora-rank 8 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1",
-     "--recompute-granularity full with LoRA is not supported yet"),
     ("--lora-load {adapter} --lora-rank 8", "--lora-rank 8 disagrees with --lora-load"),
     ("--lora-load {adapter} --lora-alpha 4", "--lora-alpha 4.0 disagrees with --lora-load"),
     ("--lora-load {adapter} --lora-target-modules q_proj", "--lora-target-modules q_proj disagrees with --lora-load"),

@@ -102,3 +102,19 @@ def test_lora_run_trains_adapters_only(tmp_path, extra):
     losses = [json.loads(line)["lm_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "lm_loss" in line]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_lora_with_full_recompute_trains_as_without(tmp_path):
+    # Recomputed layers get their input's grad requirement: the adapters must get the same gradients.
+    from tests.training.runs import by_iteration, train
+
+    inputs = training_inputs()
+    base = _lora_flags(inputs, tmp_path) + ["--pipeline-model-parallel-size", "2", "--sequence-parallel"]
+    recompute = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    values = {}
+    for name, extra in (("plain", []), ("recompute", recompute)):
+        metrics = tmp_path / f"{name}.jsonl"
+        run_distributed(4, train, base + extra + ["--metrics-jsonl", str(metrics)])
+        values[name] = {i: (r["lm_loss"], r["grad_norm"]) for i, r in by_iteration(metrics).items()}
+    assert sorted(values["plain"]) == [1, 2, 3] and all(g > 0 for _, g in values["plain"].values())
+    assert values["recompute"] == values["plain"]

@@ -204,6 +204,16 @@ def add_lora(model, settings: LoraSettings, opts, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed * 1000003 + layer.layer_number)
         for linear_path, names in _linears(settings.targets):
             _attach(layer.get_submodule(linear_path), linear_path, names, settings, generator, config, tp_rank, tp_size)
+    lm.decoder.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+
+
+def _input_requires_grad(block, args, kwargs):
+    """The frozen embedding's output needs no grad; with full recompute a checkpointed layer whose
+    input needs none gives its adapters none either (as gradient checkpointing with peft needs
+    `enable_input_require_grads`). A later stage's input, received from the previous one, needs it."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if torch.is_tensor(hidden) and not hidden.requires_grad:
+        hidden.requires_grad_(True)
 
 
 def _linears(targets) -> list:
