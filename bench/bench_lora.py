@@ -46,8 +46,8 @@ def _rank_main(flags: list, out: str) -> None:
     table = parameter_table(unwrap(ctx.model), ctx.device)
     moments = param_state_views(ctx.optimizer, ("exp_avg", "exp_avg_sq")).values()
     figures = {
-        "trainable_params": sum(t for t, _ in table.values()),
-        "total_params": sum(t + f for t, f in table.values()),
+        "trainable_params": sum(c.trained + c.adapters for c in table.values()),
+        "total_params": sum(sum(c) for c in table.values()),
         "adam_moments_bytes": sum(t.numel() * t.element_size() for *_, views in moments for t in views.values()),
         "grad_buffer_bytes": sum(b.grad_data.numel() * b.grad_data.element_size() for b in ctx.model.buffers),
         "rss_after_build_bytes": built,

@@ -21,6 +21,10 @@
 #                it, torchrun ignores it so it cannot SIGKILL them mid-save: docs/training.md),
 #                SAVE_TOTAL_LIMIT (empty: keep every checkpoint), ASYNC_SAVE (0; 1: --async-save, saves
 #                written in the background from a host copy of the state)
+#   LoRA         LORA_RANK (empty: full training; R: --lora-rank R, the whole base frozen), LORA_ALPHA
+#                (empty: R), LORA_DROPOUT, LORA_TARGETS (--lora-target-modules; empty: the language
+#                model's seven projections), LORA_LOAD (a peft adapter folder to start from). A resume
+#                of SAVE takes the adapters' settings from its checkpoint and drops LORA_LOAD.
 #   DRY_RUN=1    print the command and exit 0 without running it
 # Arguments given to the launcher are appended to the entry point's flags (the last one wins).
 # Gradient-accumulation fusion needs no setting: the entry point turns it on where apex's
@@ -41,6 +45,7 @@ ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 : "${OVERLAP:=1}" "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
 export CUDA_DEVICE_MAX_CONNECTIONS
 : "${EXIT_SIGNAL:=}" "${SAVE_TOTAL_LIMIT:=}" "${ASYNC_SAVE:=0}"
+: "${LORA_RANK:=}" "${LORA_ALPHA:=}" "${LORA_DROPOUT:=}" "${LORA_TARGETS:=}" "${LORA_LOAD:=}"
 : "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
 
 die() { echo "$NAME: error: $*" >&2; exit 1; }
@@ -53,7 +58,7 @@ done
 [[ -n "$SAVE" ]] || die "SAVE is empty: set it to the folder that receives checkpoints and metrics.jsonl"
 if [[ "$AUTO_RESUME" == 1 ]] && has_checkpoint "$SAVE"; then
   echo "$NAME: SAVE=$SAVE already holds a checkpoint: resuming from it (AUTO_RESUME=0 to start from LOAD)"
-  LOAD=$SAVE FINETUNE=0
+  LOAD=$SAVE FINETUNE=0 LORA_LOAD=  # a LoRA checkpoint holds its adapters (and names its base)
 fi
 [[ -d "$LOAD" ]] || die "LOAD=$LOAD does not exist: convert a checkpoint there with hf2mcore.py"
 has_checkpoint "$LOAD" || die "LOAD=$LOAD holds no checkpoint (no latest_checkpointed_iteration.txt or release/)"
@@ -97,6 +102,14 @@ fi
 
 [[ -n "$SAVE_TOTAL_LIMIT" ]] && ARGS+=(--save-total-limit "$SAVE_TOTAL_LIMIT")
 [[ "$ASYNC_SAVE" == 1 ]] && ARGS+=(--async-save)
+[[ -n "$LORA_RANK" ]] && ARGS+=(--lora-rank "$LORA_RANK")
+[[ -n "$LORA_ALPHA" ]] && ARGS+=(--lora-alpha "$LORA_ALPHA")
+[[ -n "$LORA_DROPOUT" ]] && ARGS+=(--lora-dropout "$LORA_DROPOUT")
+[[ -n "$LORA_TARGETS" ]] && ARGS+=(--lora-target-modules "$LORA_TARGETS")
+if [[ -n "$LORA_LOAD" ]]; then
+  [[ -f "$LORA_LOAD/adapter_config.json" ]] || die "LORA_LOAD=$LORA_LOAD holds no adapter_config.json (a peft adapter folder)"
+  ARGS+=(--lora-load "$LORA_LOAD")
+fi
 TORCHRUN_SIGNALS=()
 if [[ -n "$EXIT_SIGNAL" ]]; then
   [[ "$EXIT_SIGNAL" =~ ^SIG(TERM|INT|USR1|USR2|HUP)$ ]] || die "EXIT_SIGNAL=$EXIT_SIGNAL must be one of SIGTERM SIGINT SIGUSR1 SIGUSR2 SIGHUP"

@@ -6,6 +6,8 @@
 # (all of them: common.sh); extra arguments go to the entry point.
 #   LOAD=/ckpts/idefics2-8b-pretrain DATA_PATH=/data/sft/train VALID_DATA_PATH=/data/sft/valid \
 #     SAVE=/ckpts/idefics2-8b-sft bash examples/idefics2/finetune_idefics2.sh
+# LoRA instead of full finetuning (adapters on the language model, the base frozen; LoRA takes a
+# larger learning rate):  LORA_RANK=16 LORA_ALPHA=32 LR=2e-4 MIN_LR=2e-5 bash examples/idefics2/finetune_idefics2.sh
 # DRY_RUN=1 prints the torchrun command without running it.
 : "${TP:=2}" "${PP:=2}" "${MBS:=1}" "${GBS:=128}" "${SEQ_LEN:=2048}"
 : "${TRAIN_ITERS:=2000}" "${LR:=1e-5}" "${MIN_LR:=1e-6}" "${WARMUP_ITERS:=50}"

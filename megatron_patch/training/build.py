@@ -120,9 +120,9 @@ def _wandb_run_id(ctx: TrainingContext) -> Optional[str]:
     return box[0]
 
 
-def _report_parameters(ctx: TrainingContext, model, label: str = "trainable") -> None:
+def _report_parameters(ctx: TrainingContext, model) -> None:
     table = parameter_table(model, ctx.device)
-    ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table, label))
+    ctx.report("parameters (summed over TP and PP ranks):\n" + format_parameter_table(table))
 
 
 def build_training(args) -> TrainingContext:
@@ -153,7 +153,7 @@ def build_training(args) -> TrainingContext:
         checkpointer.load_adapters(model)  # resuming a LoRA checkpoint: its adapters
         ctx.report(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g}, "
                    f"on {','.join(lora.targets)}" + (f", from {args.lora_load}" if args.lora_load else ""))
-        _report_parameters(ctx, model, label="LoRA adapters")
+        _report_parameters(ctx, model)
     ctx.model = wrap_ddp(model, args)
     if not args.skip_train:
         ctx.optimizer = build_optimizer(ctx.model, args)

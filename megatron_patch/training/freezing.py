@@ -5,6 +5,8 @@ frozen parameters: they get no gradient buffer, no optimizer state, and stay bit
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -43,28 +45,39 @@ def _counted_once(param) -> bool:
     return tensor_parallel.param_is_not_tensor_parallel_duplicate(param) and not getattr(param, "shared", False)
 
 
+class Counts(NamedTuple):
+    """Parameter elements of one component."""
+
+    trained: int  # base weights that train (all of them, or what freezing / --lora-modules-to-save leaves)
+    frozen: int
+    adapters: int = 0  # LoRA adapters
+
+
 def parameter_table(model, device) -> dict:
-    """{component: (trainable, frozen)} element counts over the whole model (all TP and PP ranks).
+    """{component: Counts} element counts over the whole model (all TP and PP ranks).
 
     Collective over the model-parallel group (DP replicas hold the same parts)."""
-    counts = torch.zeros(len(COMPONENTS), 2, dtype=torch.float64, device=device)
+    from megatron_patch.models.idefics2.model_loading import is_adapter_parameter
+
+    counts = torch.zeros(len(COMPONENTS), 3, dtype=torch.float64, device=device)
     for i, component in enumerate(COMPONENTS):
-        for _, param in component_parameters(model, component):
+        for name, param in component_parameters(model, component):
             if _counted_once(param):
-                counts[i, 0 if param.requires_grad else 1] += param.numel()
+                counts[i, 2 if is_adapter_parameter(name) else 0 if param.requires_grad else 1] += param.numel()
     if dist.is_initialized():
         dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
-    return {c: (int(counts[i, 0]), int(counts[i, 1])) for i, c in enumerate(COMPONENTS)}
+    return {c: Counts(*(int(x) for x in counts[i])) for i, c in enumerate(COMPONENTS)}
 
 
-def format_parameter_table(table: dict, label: str = "trainable") -> str:
-    """The start-up table of trainable vs frozen parameters per component (with LoRA, `label` is
-    "LoRA adapters": the only parameters that train)."""
+def format_parameter_table(table: dict) -> str:
+    """The start-up table of trained vs frozen parameters per component (with LoRA adapters, their
+    column first: a LoRA run trains them and what --lora-modules-to-save names)."""
     names = {"vision": "vision tower", "connector": "connector (projection + perceiver)", "llm": "language model"}
-    lines = [f"{'component':<36}{label:>14}{'frozen':>14}"]
-    for component, (trainable, frozen) in table.items():
-        lines.append(f"{names[component]:<36}{trainable:>14,}{frozen:>14,}")
-    trainable = sum(t for t, _ in table.values())
-    frozen = sum(f for _, f in table.values())
-    lines.append(f"{'total':<36}{trainable:>14,}{frozen:>14,}")
+    table = {component: Counts(*counts) for component, counts in table.items()}
+    columns = ["LoRA adapters", "trained", "frozen"] if any(c.adapters for c in table.values()) else ["trainable", "frozen"]
+    fields = {"LoRA adapters": "adapters", "trained": "trained", "trainable": "trained", "frozen": "frozen"}
+    lines = [f"{'component':<36}" + "".join(f"{c:>15}" for c in columns)]
+    rows = list(table.items()) + [("total", Counts(*(sum(c[i] for c in table.values()) for i in range(3))))]
+    for component, counts in rows:
+        lines.append(f"{names.get(component, component):<36}" + "".join(f"{getattr(counts, fields[c]):>15,}" for c in columns))
     return "\n".join(lines)

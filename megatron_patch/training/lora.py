@@ -3,7 +3,7 @@
     --lora-rank R                 turns LoRA on (every base weight frozen, adapters trained)
     --lora-alpha A                scale A / R as peft (default: R, a scale of 1; peft's own default is 8)
     --lora-dropout P              on the adapters' input, as peft (default 0)
-    --lora-target-modules NAMES   peft's names on transformers' Idefics2 text model (default: all seven)
+    --lora-target-modules NAMES   which projections (default: the language model's seven); see _targets
     --lora-load PEFT_DIR          start from a peft adapter folder: rank, alpha, targets from it
     --lora-base CKPT              resuming a LoRA checkpoint: its base, when not at the recorded path
 
@@ -21,19 +21,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, LoraSettings
+from megatron_patch.models.idefics2.weight_mapping import ALL_LORA_TARGETS, LORA_COMPONENTS
 
 _FREEZE = ("--freeze-llm", "freeze_llm"), ("--freeze-clip-vision-tower", "freeze_clip_vision_tower"), \
     ("--freeze-perceiver", "freeze_perceiver")
 
 
 def add_lora_arguments(parser) -> None:
-    g = parser.add_argument_group("LoRA (peft-compatible adapters on the language model; base frozen)")
+    g = parser.add_argument_group("LoRA (peft-compatible adapters; the whole base frozen)")
     g.add_argument("--lora-rank", type=int, default=None, metavar="R", help="turn LoRA on with adapters of rank R")
     g.add_argument("--lora-alpha", type=float, default=None, metavar="A",
                    help="scale = A / R as peft (default: R, i.e. scale 1; peft's LoraConfig defaults to 8)")
     g.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-target-modules", default=None, metavar="NAMES",
-                   help=f"comma-separated peft module names of the language model (default: {','.join(DEFAULT_TARGETS)})")
+                   help="comma-separated projections (HF names): q_proj (the language model's), vision_model.fc1, "
+                        "perceiver_resampler.k_proj, modality_projection.down_proj; a component alone (vision_model) for "
+                        f"all of its projections; all-linear for every one (default: {','.join(DEFAULT_TARGETS)})")
     g.add_argument("--lora-load", default=None, metavar="PEFT_DIR",
                    help="start from a peft adapter folder (adapter_config.json + adapter_model.safetensors)")
     g.add_argument("--lora-base", default=None, metavar="CKPT",
@@ -47,14 +50,33 @@ def _error(message: str):
 
 
 def _targets(text: str) -> tuple:
+    """--lora-target-modules: projections (bare: the language model's), components, or all-linear
+    (peft's name for every linear but the output layer)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in DEFAULT_TARGETS:
-            raise _error(f"--lora-target-modules {name}: only the language model's {','.join(DEFAULT_TARGETS)} are "
-                         "supported yet (vision tower and connector targets are not)")
     if not names:
-        raise _error("--lora-target-modules is empty; name at least one of " + ",".join(DEFAULT_TARGETS))
-    return tuple(n for n in DEFAULT_TARGETS if n in names)
+        raise _error("--lora-target-modules is empty; name at least one of " + ",".join(ALL_LORA_TARGETS))
+    chosen = set()
+    for name in names:
+        if name == "all-linear":
+            chosen.update(ALL_LORA_TARGETS)
+        elif name in LORA_COMPONENTS and name != "text_model":
+            chosen.update(t for t in ALL_LORA_TARGETS if t.startswith(name + "."))
+        elif name in ALL_LORA_TARGETS:
+            chosen.add(name)
+        else:
+            raise _error(f"--lora-target-modules {name}: not a supported projection; choose among "
+                         f"{','.join(ALL_LORA_TARGETS)}, a component ({','.join(list(LORA_COMPONENTS)[1:])}) or all-linear")
+    return tuple(t for t in ALL_LORA_TARGETS if t in chosen)
+
+
+def _check_fits(args, hf_config, lora: LoraSettings) -> None:
+    """Adapters the layout cannot hold: on the perceiver's k/v when TP copies its key/value heads."""
+    kv_heads = hf_config.perceiver_config.num_key_value_heads
+    kv = {"perceiver_resampler.k_proj", "perceiver_resampler.v_proj"} & set(lora.targets)
+    if kv and args.tensor_model_parallel_size > kv_heads:
+        raise _error(f"--lora-target-modules {','.join(sorted(kv))} at --tensor-model-parallel-size "
+                     f"{args.tensor_model_parallel_size}: the perceiver's {kv_heads} key/value heads are copied over the "
+                     f"TP ranks; use TP <= {kv_heads} or leave them out")
 
 
 def _saved_lora(args, iteration):
@@ -97,6 +119,7 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
     targets = None if args.lora_target_modules is None else _targets(args.lora_target_modules)
     if saved is not None:
         args.lora = _from_checkpoint(args, targets, saved, folder)
+        _check_fits(args, hf_config, args.lora)
         try:
             args.base_load, args.base_iteration = check_base(saved, folder, args.lora_base)
         except CheckpointError as err:
@@ -119,7 +142,8 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
         args.lora = LoraSettings(rank, float(args.lora_alpha if args.lora_alpha is not None else rank),
                                  args.lora_dropout or 0.0, targets or DEFAULT_TARGETS)
     else:
-        args.lora = _from_peft_folder(args, targets, hf_config.text_config.num_hidden_layers)
+        args.lora = _from_peft_folder(args, targets, hf_config)
+    _check_fits(args, hf_config, args.lora)
     if args.save:
         args.lora_record = lora_record(args.lora, base_record(args.load, iteration))
 
@@ -148,12 +172,11 @@ def _from_checkpoint(args, targets, saved: dict, folder) -> LoraSettings:
     return _agreeing(args, targets, loaded, f"--load {folder}")
 
 
-def _from_peft_folder(args, targets, num_layers: int) -> LoraSettings:
-    from megatron_patch.models.idefics2.peft_adapter import PeftAdapterError, check_layers, read_adapter_settings
+def _from_peft_folder(args, targets, hf_config) -> LoraSettings:
+    from megatron_patch.models.idefics2.peft_adapter import PeftAdapterError, read_adapter_settings
 
     try:
-        loaded = read_adapter_settings(args.lora_load)
-        check_layers(args.lora_load, num_layers)
+        loaded = read_adapter_settings(args.lora_load, hf_config)
     except PeftAdapterError as err:
         raise _error(str(err)) from None
     return _agreeing(args, targets, loaded, f"--lora-load {args.lora_load}")
@@ -166,7 +189,7 @@ def apply_lora(model, args, opts) -> None:
     from megatron_patch.models.idefics2.peft_adapter import load_peft_adapter
     from megatron_patch.training.freezing import freeze_base_for_lora
 
-    add_lora(model, args.lora, opts, seed=args.seed)
+    add_lora(model, args.lora, opts, args.hf_config, seed=args.seed)
     if args.lora_load:
-        load_peft_adapter(model, args.lora_load, args.lora)
+        load_peft_adapter(model, args.lora_load, args.lora, args.hf_config, opts)
     freeze_base_for_lora(model)

@@ -70,7 +70,7 @@ def test_adapter_only_export_loads_in_peft_with_the_checkpoints_adapters(lora_ru
     # peft selected the same modules as the adapters' keys (the regex target_modules): the text model's only.
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert wrapped and all(".text_model.layers." in n for n in wrapped)
-    assert read_adapter_settings(out).targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+    assert read_adapter_settings(out, _hf_model(inputs).config).targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj")  # --lora-load reads it back
 
 

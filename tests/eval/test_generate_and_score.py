@@ -1,5 +1,5 @@
 """toolkits/eval: scoring against rouge_score, generation end to end on a tiny HF Idefics2,
-the synthetic shapes set, and eval_all_checkpoints.sh."""
+--adapter against peft's merged checkpoint, the synthetic shapes set, and eval_all_checkpoints.sh."""
 from __future__ import annotations
 
 import importlib.util
@@ -215,6 +215,91 @@ def test_generate_and_score_bad_flags(tmp_path, capsys):
     for argv, message in cases:
         assert gas.main(argv) == 1, argv
         assert message in error_line(capsys, "generate_and_score"), argv
+
+
+# ---- --adapter ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A peft LoRA adapter with random non-zero B on every text-model projection, saved by peft
+    (made on tests/models' tiny Mistral-style Idefics2, whose layers are tiny_hf's)."""
+    from tests.models.lora_cases import save_peft_adapter
+
+    folder = tmp_path_factory.mktemp("adapter")
+    save_peft_adapter(folder)
+    return folder
+
+
+def test_adapter_answers_as_peft_merged_checkpoint(tiny_hf, eval_data, batch4, adapter_dir, tmp_path, capsys):
+    """--adapter on the base answers and scores exactly as the checkpoint peft merged the adapter into,
+    and differently from the base alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+
+    root, _ = eval_data
+    merged_dir = tmp_path / "merged"
+    base = Idefics2ForConditionalGeneration.from_pretrained(tiny_hf).state_dict()
+    merged = PeftModel.from_pretrained(Idefics2ForConditionalGeneration.from_pretrained(tiny_hf),
+                                       str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    AutoProcessor.from_pretrained(tiny_hf).save_pretrained(merged_dir)
+
+    ours = gas.Generator(str(tiny_hf), "float32", 12, str(adapter_dir)).model.state_dict()
+    assert ours.keys() == merged.state_dict().keys()
+    changed = []
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-6, msg=name)
+        if not torch.equal(value, base[name]):
+            changed.append(name)
+    assert len(changed) == 7 * 4 and all(".text_model.layers." in n and n.endswith("proj.weight") for n in changed)
+
+    flags = ("--image-folder", str(root / "images"), "--limit", "4", "--batch-size", "4")  # 4 good records
+    preds_m, summary_m = run_gas(merged_dir, root / "eval.jsonl", tmp_path / "m.jsonl", *flags)
+    capsys.readouterr()
+    preds_a, summary_a = run_gas(tiny_hf, root / "eval.jsonl", tmp_path / "a.jsonl", *flags,
+                                 "--adapter", str(adapter_dir))
+    assert f" with adapter {adapter_dir} " in capsys.readouterr().out
+    assert [p["prediction"] for p in preds_a] == [p["prediction"] for p in preds_m]
+    metrics = ("num_samples", "exact_match", "rouge_l", "bleu")
+    assert [summary_a[k] for k in metrics] == [summary_m[k] for k in metrics]
+    assert summary_a["adapter"] == str(adapter_dir) and summary_m["adapter"] is None
+    base_preds = [p["prediction"] for p in batch4[0][:4]]
+    assert all(a["prediction"] != b for a, b in zip(preds_a, base_preds)), (preds_a, base_preds)
+
+
+def test_adapter_refused_in_one_line(tiny_hf, eval_data, adapter_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    root, _ = eval_data
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+
+    def variant(name, change):
+        """adapter_dir with the weights {key: change(key, tensor)} (None drops the key)."""
+        folder = tmp_path / name
+        shutil.copytree(adapter_dir, folder)
+        changed = {k: change(k, v) for k, v in weights.items()}
+        save_file({k: v for k, v in changed.items() if v is not None}, folder / "adapter_model.safetensors")
+        return folder
+
+    dora = variant("dora", lambda k, v: v)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    three_layers = variant("three", lambda k, v: None if ".layers.3." in k else v)
+    narrow = variant("narrow", lambda k, v: v[:, :-1].contiguous() if ".lora_A." in k else v)  # a base 1 narrower
+    cases = [
+        (tmp_path, f"--adapter {tmp_path}: no adapter_config.json"),
+        (dora, "DoRA (use_dora=True) is not supported"),
+        (three_layers, "q_proj has adapters on some layers only"),
+    ]
+    for folder, message in cases:  # refused before the model loads
+        argv = ["--hf-path", str(tiny_hf), "--data", str(root / "eval.jsonl"), "--image-folder", str(root / "images"),
+                "--output", str(tmp_path / "p.jsonl"), "--no-progress", "--adapter", str(folder)]
+        assert gas.main(argv) == 1, folder
+        line = error_line(capsys, "generate_and_score")
+        assert message in line and "--lora-load" not in line, line
+    with pytest.raises(gas.ToolError, match=r"model\.text_model\.layers\.0\.self_attn\.q_proj\.weight is 48 x 47, "
+                                            r"the base's weight \(48, 48\)"):
+        gas.Generator(str(tiny_hf), "float32", 12, str(narrow))
 
 
 # ---- eval_all_checkpoints.sh -----------------------------------------------------------------

@@ -23,7 +23,8 @@ FINETUNE = ["finetune_idefics2.sh", "finetune_idefics2_llama3.sh"]
 SETTINGS = """NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP PP SP MBS GBS SEQ_LEN TRAIN_ITERS LR MIN_LR
     WARMUP_ITERS LR_DECAY_STYLE LR_DECAY_ITERS LOAD SAVE SAVE_INTERVAL FINETUNE AUTO_RESUME DATA_PATH VALID_DATA_PATH
     EVAL_INTERVAL EVAL_ITERS NUM_WORKERS FREEZE ANSWER_LOSS_ONLY DIST_FLAGS LOG_INTERVAL TENSORBOARD_DIR SCRIPT
-    REPO OVERLAP CUDA_DEVICE_MAX_CONNECTIONS EXIT_SIGNAL SAVE_TOTAL_LIMIT ASYNC_SAVE""".split()
+    REPO OVERLAP CUDA_DEVICE_MAX_CONNECTIONS EXIT_SIGNAL SAVE_TOTAL_LIMIT ASYNC_SAVE LORA_RANK LORA_ALPHA LORA_DROPOUT
+    LORA_TARGETS LORA_LOAD""".split()
 
 
 @pytest.fixture
@@ -121,6 +122,25 @@ def test_async_save_and_retention_reach_the_entry_point(paths):
     assert args.async_save and args.save_total_limit == 3
     _, args = dry("pretrain_idefics2.sh", paths)
     assert not args.async_save and args.save_total_limit is None
+
+
+def test_lora_settings_reach_the_entry_point_and_a_resume_drops_lora_load(paths, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    _, args = dry("finetune_idefics2.sh", paths, LORA_RANK=16, LORA_ALPHA=32, LORA_DROPOUT=0.05,
+                  LORA_TARGETS="q_proj,v_proj,vision_model", LORA_LOAD=adapter)
+    assert (args.lora_rank, args.lora_alpha, args.lora_dropout) == (16, 32.0, 0.05)
+    assert args.lora_target_modules == "q_proj,v_proj,vision_model" and args.lora_load == str(adapter)
+    _, args = dry("finetune_idefics2.sh", paths)
+    assert args.lora_rank is None and args.lora_load is None
+    save = Path(paths["SAVE"])
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("10")
+    _, args = dry("finetune_idefics2.sh", paths, LORA_RANK=16, LORA_LOAD=adapter)  # AUTO_RESUME: LOAD=SAVE
+    assert args.load == paths["SAVE"] and args.lora_load is None and not args.finetune
+    bad = run("finetune_idefics2.sh", {**paths, "SAVE": str(tmp_path / "fresh")}, LORA_RANK=16, LORA_LOAD=tmp_path)
+    assert bad.returncode == 1 and "LORA_LOAD=" in bad.stderr and "adapter_config.json" in bad.stderr
 
 
 def test_torchrun_runs_with_one_cuda_connection(paths, tmp_path):

@@ -8,7 +8,6 @@ from megatron.core import parallel_state
 
 from megatron_patch.models.idefics2.config import ParallelOptions
 from megatron_patch.models.idefics2.lora import add_lora
-from megatron_patch.models.idefics2.weight_mapping import COLUMN, LORA_PROJECTIONS
 from megatron_patch.models.idefics2.peft_adapter import gather_adapter_tensors, load_peft_adapter, read_adapter_settings
 from megatron_patch.platform import init_distributed
 from megatron_patch.testing.parity import hf_outputs, megatron_outputs, random_inputs
@@ -64,9 +63,9 @@ def _model_with_adapter(folder, tp: int, pp: int, **options):
     config, hf_model = tiny_hf_model(TEXT, False)
     opts = ParallelOptions(tp, pp, **options)
     model = build_from_hf(config, hf_model, opts)
-    settings = read_adapter_settings(folder)
-    add_lora(model, settings, opts)
-    load_peft_adapter(model, folder, settings)
+    settings = read_adapter_settings(folder, config)
+    add_lora(model, settings, opts, config)
+    load_peft_adapter(model, folder, settings, config, opts)
     freeze_base_for_lora(model)
     return config, model
 
@@ -82,11 +81,12 @@ def lora_logits_case(folder, tp: int, pp: int, **options):
 def lora_loss_and_grads_case(folder, tp: int, pp: int, **options):
     """(loss, {peft key: full adapter gradient}, trainable names) at tp x pp through DDP (on rank 0)."""
     config, model = _model_with_adapter(folder, tp, pp, **options)
+    opts = ParallelOptions(tp, pp, **options)
     chunk = _wrap_ddp(model)
     loss = train_micro_batch(chunk, config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     mine = (loss, parallel_state.get_tensor_model_parallel_rank(),
-            {k: g for k, (_, g) in gather_adapter_tensors(model).items()}, trainable)
+            {k: g for k, (_, g) in gather_adapter_tensors(model, config, opts).items()}, trainable)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if dist.get_rank() != 0:
@@ -106,7 +106,7 @@ def assemble_adapter_grads(gathered, tp: int) -> dict:
     for key, shards in by_key.items():
         parts = [shards[r] for r in range(tp)]
         projection, ab = key.split(".")[-3], key.split(".")[-2][-1]
-        kind = "column" if LORA_PROJECTIONS[projection][2] == COLUMN else "row"
+        kind = "row" if projection in ("o_proj", "down_proj", "out_proj", "fc2") else "column"
         if (kind, ab) == ("column", "B"):
             out[key] = torch.cat(parts, dim=0)
         elif (kind, ab) == ("row", "A"):

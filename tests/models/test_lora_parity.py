@@ -26,6 +26,15 @@ def partial_adapter(tmp_path_factory):
     return folder, cases.peft_reference(folder)
 
 
+@pytest.fixture(scope="module")
+def all_linear_adapter(tmp_path_factory):
+    # peft's "all-linear": every linear but the head, so the vision tower's, the perceiver's (its fused kv
+    # included) and the modality projection's too.
+    folder = tmp_path_factory.mktemp("peft_all_linear_adapter")
+    cases.save_peft_adapter(folder, rank=3, alpha=6.0, targets="all-linear")
+    return folder, cases.peft_reference(folder)
+
+
 def _check_grads(grads, reference):
     assert set(grads) == set(reference["grads"])  # every layer's adapters (A, B), under peft's names
     for key, ref in reference["grads"].items():
@@ -77,5 +86,21 @@ def test_some_projections_of_fused_linears(partial_adapter):
     logits = run_distributed(4, cases.lora_logits_case, folder, 2, 2)[0]
     assert float((logits - reference["logits"]).abs().max()) < ATOL
     loss, grads, _ = run_distributed(4, cases.lora_loss_and_grads_case, folder, 2, 2)[0]
+    assert abs(loss - reference["loss"]) < 1e-5
+    _check_grads(grads, reference)
+
+
+def test_adapters_on_every_component_match_peft(all_linear_adapter):
+    folder, reference = all_linear_adapter
+    components = {name.split(".")[3] for name in reference["grads"]}  # base_model.model.model.<component>...
+    assert components == {"vision_model", "connector", "text_model"}
+    assert any("modality_projection" in name for name in reference["grads"])
+    logits = run_distributed(4, cases.lora_logits_case, folder, 2, 2)[0]
+    assert float((logits - reference["logits"]).abs().max()) < ATOL
+    loss, grads, trainable = run_distributed(4, cases.lora_loss_and_grads_case, folder, 2, 2)[0]
+    assert abs(loss - reference["loss"]) < 1e-5
+    _check_grads(grads, reference)
+    assert trainable and all(".lora_" in name for name in trainable)
+    loss, grads, _ = run_distributed(2, cases.lora_loss_and_grads_case, folder, 2, 1, sequence_parallel=True)[0]
     assert abs(loss - reference["loss"]) < 1e-5
     _check_grads(grads, reference)

@@ -20,7 +20,10 @@ def _save_adapter(folder, layers=4, targets=TARGETS.split(","), **config):
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from megatron_patch.models.idefics2.peft_adapter import peft_key
+    module = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+
+    def peft_key(layer, target, ab):  # peft's name of an adapter tensor on transformers' Idefics2
+        return f"base_model.model.model.text_model.layers.{layer}.{module.get(target, 'mlp')}.{target}.lora_{ab}.weight"
 
     folder.mkdir(parents=True)
     LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": r".*text_model\.layers\.\d+\..*", **config}).save_pretrained(str(folder))
@@ -55,7 +58,7 @@ def paths(tmp_path_factory):
     vision = root / "vision"
     shutil.copytree(p["adapter"], vision)
     from safetensors.torch import save_file
-    save_file({"base_model.model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)},
+    save_file({"base_model.model.model.vision_model.post_layernorm.lora_A.weight": torch.zeros(2, 2)},
               str(vision / "adapter_model.safetensors"))
     p["vision"] = vision
     return {k: str(v) for k, v in p.items()}
@@ -88,12 +91,23 @@ def test_lora_load_reads_rank_alpha_and_targets(paths):
     assert _validated(paths, "--lora-load {adapter_qv} --lora-rank 4 --lora-target-modules q_proj,v_proj").lora == lora
 
 
+def test_lora_targets_beyond_the_language_model(paths):
+    lora = _validated(paths, "--lora-rank 4 --lora-target-modules v_proj,vision_model,perceiver_resampler.q_proj,"
+                             "modality_projection.down_proj").lora
+    assert lora.targets == ("v_proj", "vision_model.q_proj", "vision_model.k_proj", "vision_model.v_proj",
+                            "vision_model.out_proj", "vision_model.fc1", "vision_model.fc2", "perceiver_resampler.q_proj",
+                            "modality_projection.down_proj")
+    everything = _validated(paths, "--lora-rank 4 --lora-target-modules all-linear").lora.targets
+    assert len(everything) == 7 + 6 + 7 + 3 and "perceiver_resampler.k_proj" in everything
+
+
 @pytest.mark.parametrize("flags,expected", [
     ("--lora-rank 8 --freeze-llm", "--freeze-llm with LoRA: with LoRA the whole base model is frozen already"),
     ("--lora-rank 8 --freeze-perceiver", "--freeze-perceiver with LoRA"),
     ("--lora-rank 8 --save {save}", "--save with LoRA needs --load BASE"),
     ("--lora-rank 8 --lora-base {save}", "--lora-base is the base of a LoRA checkpoint given to --load"),
-    ("--lora-rank 8 --lora-target-modules q_proj,fc1", "--lora-target-modules fc1: only the language model's"),
+    ("--lora-rank 8 --lora-target-modules q_proj,fc1", "--lora-target-modules fc1: not a supported projection"),
+    ("--lora-rank 8 --lora-target-modules vision_model.o_proj", "vision_model.o_proj: not a supported projection"),
     ("--lora-rank 0", "--lora-rank must be >= 1"),
     ("--lora-alpha 16", "--lora-alpha needs --lora-rank or --lora-load"),
     ("--lora-load {adapter} --lora-rank 8", "--lora-rank 8 disagrees with --lora-load"),
@@ -106,8 +120,8 @@ def test_lora_load_reads_rank_alpha_and_targets(paths):
     ("--lora-load {layers}", "layers_to_transform"),
     ("--lora-load {pattern}", "rank_pattern"),
     ("--lora-load {pissa}", "init_lora_weights"),
-    ("--lora-load {vision}", "adapters on other modules are not supported yet"),
-    ("--lora-load {short}", "the adapter has 2 language-model layers, the model 4"),
+    ("--lora-load {vision}", "post_layernorm.lora_A.weight is not a LoRA A or B of a supported projection"),
+    ("--lora-load {short}", "q_proj has adapters on some layers only"),
     ("--lora-load {data}", "no adapter_config.json"),
 ])
 def test_lora_refusals_are_one_line(paths, flags, expected):

@@ -72,6 +72,6 @@ def test_parameter_table_at_tp2_pp2_counts_each_hf_parameter_once(tmp_path, tied
     # holds those rows too, and the table counts them.
     text = json.loads(config_path.read_text())["text_config"]
     counts["llm"] += (-text["vocab_size"] % TP) * text["hidden_size"] * (1 if tied else 2)
-    want = {c: (0, n) if c in frozen else (n, 0) for c, n in counts.items()}
+    want = {c: (0, n, 0) if c in frozen else (n, 0, 0) for c, n in counts.items()}
     assert [table for table, _ in results] == [want] * len(results)  # every rank got the model-wide totals
     assert format_parameter_table(want) in results[0][1]  # what the run printed at start-up

@@ -4,6 +4,7 @@
         --data runs/shapes/valid.json --image-folder runs/shapes/images \\
         [--max-new-tokens 32] [--batch-size 8] [--limit N] [--output preds.jsonl] [--summary S.json]
     python toolkits/eval/generate_and_score.py --hf-path HF_DIR --data SHARD_DIR    # webdataset shards
+    python toolkits/eval/generate_and_score.py --hf-path HF_DIR --adapter PEFT_DIR ...  # a LoRA adapter on HF_DIR
 
 --data is a LLaVA / ShareGPT .json or .jsonl file (then --image-folder is required: image paths are
 relative to it) or a shard folder written by build_webdataset.py (images inside the shards). For
@@ -11,6 +12,13 @@ each record the prompt is every turn before its LAST assistant turn, and the ref
 turn's text; the prompt is rendered with the processor's chat template (add_generation_prompt=True)
 and answered by greedy `generate` in left-padded batches (the batch size does not change answers).
 Generation stops at the tokenizer's EOS or `<end_of_utterance>`, or after --max-new-tokens.
+
+--adapter PEFT_DIR evaluates a peft LoRA adapter folder (`adapter_config.json` +
+`adapter_model.safetensors`, as peft's save_pretrained writes) on --hf-path as its base: the folder is
+checked as `--lora-load` checks it (plain LoRA on every layer of the projections it targets; anything
+else is one error line) and merged into the model as mcore2hf merges a LoRA checkpoint (`W + alpha / r
+* B @ A` in float32, cast back to --dtype), which is what a plain LoRA adapter computes at eval time.
+The summary names the adapter.
 
 Bad records are skipped and counted by reason, never fatal: the formats.py problem kinds
 (malformed_record, empty_conversation -- also a record with no assistant turn -- wrong_role, ...),
@@ -22,8 +30,8 @@ Writes --output (default `preds.jsonl` in the current folder): one JSON line per
 {"id", "prompt", "reference", "prediction"}; and --summary (default `<output without suffix>.summary.json`):
 num_samples, skipped {reason: count}, exact_match (after casefolding and collapsing white space),
 rouge_l (mean rougeL F-measure from the `rouge_score` package), bleu (sacrebleu corpus BLEU, 0-100;
-null with `bleu_note` when sacrebleu is not installed). Runs on the GPU when CUDA is available
-(bfloat16 unless --dtype says otherwise), else on the CPU in float32.
+null with `bleu_note` when sacrebleu is not installed), adapter (--adapter's folder or null). Runs on
+the GPU when CUDA is available (bfloat16 unless --dtype says otherwise), else on the CPU in float32.
 """
 from __future__ import annotations
 
@@ -200,10 +208,40 @@ def batched(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 # ---- generation --------------------------------------------------------------------------------
-class Generator:
-    """Model + processor of one HF folder; `__call__` answers a batch of samples greedily."""
+def read_adapter(folder: str, hf_config):
+    """The LoraSettings of a peft folder made on the Idefics2 of `hf_config`; a ToolError (one line,
+    naming --adapter) for a folder that is not one."""
+    from megatron_patch.models.idefics2.peft_adapter import PeftAdapterError, read_adapter_settings
 
-    def __init__(self, hf_path: str, dtype: str, max_new_tokens: int):
+    try:
+        return read_adapter_settings(folder, hf_config, flag="--adapter")
+    except PeftAdapterError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def merge_adapter(model, folder: str) -> None:
+    """Merge the peft LoRA adapter in `folder` into the HF Idefics2 `model` (W + alpha / r * B @ A, as
+    mcore2hf merges a LoRA checkpoint)."""
+    import torch
+
+    from megatron_patch.checkpoint.errors import CheckpointError
+    from megatron_patch.conversion.lora_export import AdapterMerge
+
+    merge = AdapterMerge.of_peft_folder(folder, read_adapter(folder, model.config))
+    try:
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                weight.copy_(merge(name, weight))
+        merge.check_all_merged()
+    except CheckpointError as exc:
+        raise ToolError(f"--adapter {exc}") from None
+
+
+class Generator:
+    """Model + processor of one HF folder (plus a peft LoRA adapter, if given); `__call__` answers a
+    batch of samples greedily."""
+
+    def __init__(self, hf_path: str, dtype: str, max_new_tokens: int, adapter: str | None = None):
         import torch
         from transformers import AutoProcessor, Idefics2ForConditionalGeneration
 
@@ -219,6 +257,8 @@ class Generator:
             raise ToolError(f"--hf-path {hf_path} has no image processor (processor_config.json); "
                             "export it with mcore2hf.py or save an Idefics2Processor there")
         self.model.to(self.device).eval()
+        if adapter:
+            merge_adapter(self.model, adapter)
         tok = self.tokenizer = self.processor.tokenizer
         tok.padding_side = "left"  # generated tokens must follow the prompt directly
         if tok.pad_token is None:
@@ -268,6 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summary", help="summary JSON (default: <output without suffix>.summary.json)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--adapter", help="peft LoRA adapter folder to evaluate on --hf-path (its base)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for flag in ("max_new_tokens", "batch_size", "limit"):
@@ -285,6 +326,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ToolError(f"--data {args.data} is a JSON/JSONL file: pass --image-folder (its image paths' root)")
     elif not os.path.isdir(args.image_folder):
         raise ToolError(f"--image-folder {args.image_folder} is not a directory")
+    if args.adapter:  # a bad folder fails before the model loads
+        from transformers import AutoConfig
+
+        try:
+            hf_config = AutoConfig.from_pretrained(args.hf_path)
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ToolError(f"--hf-path {args.hf_path} does not load as an Idefics2 checkpoint ({exc})") from None
+        read_adapter(args.adapter, hf_config)
     args.summary = args.summary or str(Path(args.output).with_suffix(".summary.json"))
     return args
 
@@ -295,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         loaders = json_loaders(args.data, args.image_folder)
     loaders = loaders[: args.limit]
-    generator = Generator(args.hf_path, args.dtype, args.max_new_tokens)
+    generator = Generator(args.hf_path, args.dtype, args.max_new_tokens, args.adapter)
     skipped: Counter = Counter()
     predictions, references = [], []
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +358,7 @@ def run(args: argparse.Namespace) -> dict:
                 references.append(s.reference)
     summary = score(predictions, references)
     summary.update(skipped=dict(sorted(skipped.items())), skipped_total=sum(skipped.values()),
-                   exact_match_normalisation=NORMALISATION, hf_path=args.hf_path, data=args.data,
+                   exact_match_normalisation=NORMALISATION, hf_path=args.hf_path, adapter=args.adapter, data=args.data,
                    output=args.output, max_new_tokens=args.max_new_tokens)
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
     Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
@@ -322,8 +371,9 @@ def _metric(value) -> str:
 
 def summary_line(s: dict) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
-    return (f"{PROG}: {s['num_samples']} samples (skipped: {skipped}); exact_match {_metric(s['exact_match'])} "
-            f"rouge_l {_metric(s['rouge_l'])} bleu {_metric(s['bleu'])}; wrote {s['output']}")
+    adapter = f" with adapter {s['adapter']}" if s.get("adapter") else ""
+    return (f"{PROG}: {s['num_samples']} samples{adapter} (skipped: {skipped}); "
+            f"exact_match {_metric(s['exact_match'])} rouge_l {_metric(s['rouge_l'])} bleu {_metric(s['bleu'])}; wrote {s['output']}")
 
 
 def main(argv=None) -> int:

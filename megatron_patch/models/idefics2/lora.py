@@ -1,24 +1,26 @@
-"""LoRA adapters on the language model's megatron-core linears, one adapter per HF projection.
+"""LoRA adapters on megatron-core linears, one adapter per HF projection.
 
-    add_lora(model, LoraSettings(rank=8, alpha=16), opts)   # after the base weights are loaded, before DDP
-    load_peft_adapter(model, folder, settings, hf_config, opts)   # fill them from a peft folder
+    add_lora(model, LoraSettings(rank=8, alpha=16), opts, hf_config)   # after the base weights, before DDP
+    load_peft_adapter(model, folder, settings, hf_config, opts)         # fill them from a peft folder
 
 An adapter adds `scale * B(A(dropout(x)))` (scale = alpha / rank, as peft) to its projection's output.
-Where megatron-core fuses projections, each HF projection keeps its own A and B, so a peft adapter maps
-in and out exactly. The adapters are child modules of the base linear, whose own parameter names do not
-change; a forward hook adds their output:
+Which projections carry one is `LoraSettings.targets` (weight_mapping.py's LORA_PROJECTIONS: the
+language model's by default; the vision tower's, the perceiver's and the modality projection's too).
+Where megatron-core fuses projections (qkv, the perceiver's kv, gated fc1), each HF projection keeps
+its own A and B, so a peft adapter maps in and out exactly. The adapters are child modules of the base
+linear, whose own parameter names do not change; a forward hook adds their output:
 
     language_model.decoder.layers.N.self_attention.linear_qkv.lora_{q,k,v}_proj.linear_{in,out}.weight
-    language_model.decoder.layers.N.self_attention.linear_proj.lora_o_proj.linear_{in,out}.weight
-    language_model.decoder.layers.N.mlp.linear_fc1.lora_{gate,up}_proj.linear_{in,out}.weight
     language_model.decoder.layers.N.mlp.linear_fc2.lora_down_proj.linear_{in,out}.weight
+    vision_model.decoder.layers.N.mlp.linear_fc1.lora_fc1.linear_{in,out}.weight
+    connector.perceiver.layers.N.self_attention.linear_kv.lora_{k,v}_proj.linear_{in,out}.weight
 
 `linear_in` is peft's lora_A ([rank, in]), `linear_out` its lora_B ([out, rank]) (Megatron-Bridge's names).
 
 Tensor parallelism follows the base linear:
-- column-parallel base (linear_qkv, linear_fc1): A replicated, B split on its output rows like the base
+- column-parallel base (linear_qkv, linear_kv, linear_q, linear_fc1): A replicated, B split on its output rows like the base
   weight (qkv: each rank's q, k, v rows land in megatron-core's per-query-group interleaving
-  [q heads of g; k_g; v_g]; fc1: [gate_r; up_r]). The rank-wide A output enters the TP region like the
+  [q heads of g; k_g; v_g]; kv: [k_g; v_g]; gated fc1: [gate_r; up_r]). The rank-wide A output enters the TP region like the
   base's input: `copy_to_tensor_model_parallel_region` (backward all-reduce), or with sequence
   parallel, A runs on the local sequence chunk and its output is all-gathered (A's grad is then a
   partial sum over the sequence: marked `sequence_parallel` so grad finalisation sums it over TP).
@@ -42,10 +44,18 @@ from megatron.core.tensor_parallel import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from megatron_patch.models.idefics2.weight_mapping import COLUMN, LORA_PREFIX, LORA_PROJECTIONS
+from megatron_patch.models.idefics2.weight_mapping import (
+    KV,
+    LORA_COMPONENTS,
+    LORA_PREFIX,
+    QKV,
+    ROW,
+    adapter_mappings,
+    tensor_mappings,
+)
 
-DEFAULT_TARGETS = tuple(LORA_PROJECTIONS)
-_ORDER = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_fc1": ("gate_proj", "up_proj")}
+# peft's usual choice: every projection of the language model's layers.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -139,9 +149,10 @@ class _LinearLoRA:
 
 
 def _fused_layout(order: tuple, local_sizes: dict, groups: int):
-    """{projection: this rank's output} -> the fused linear's output layout on this rank: per group
-    (query group for qkv: [q heads of g; k_g; v_g]; one group for fc1: [gate_r; up_r]), each projection's
-    share in `order`; a projection without an adapter contributes zeros."""
+    """{projection: this rank's output} -> the (fused) column-parallel linear's output layout on this
+    rank: per group (query group for qkv: [q heads of g; k_g; v_g]; kv: [k_g; v_g]; one group for a
+    gated fc1, [gate_r; up_r], or a single projection), each projection's share in `order`; a
+    projection without an adapter contributes zeros."""
 
     def layout(parts):
         some = next(iter(parts.values()))
@@ -153,88 +164,92 @@ def _fused_layout(order: tuple, local_sizes: dict, groups: int):
     return layout
 
 
-def _attach(linear, path: str, names: tuple, settings: LoraSettings, generator, config, tp_rank: int,
-            tp_size: int) -> None:
+def _column_layout(base, linear, tp_size: int):
+    """(projections in fused order, this rank's output rows of each, groups) of a column-parallel
+    base linear, from its weight mapping (split rule and heads)."""
+    order = tuple(name.rsplit(".", 2)[-2] for name in base.hf)  # "...self_attn.q_proj.weight" -> "q_proj"
+    if base.split in (QKV, KV):
+        heads, groups, head_dim = base.heads
+        if tp_size > groups:
+            raise ValueError(f"LoRA on {base.mcore}: its {groups} key/value heads are copied over {tp_size} TP ranks; "
+                             f"use a TP size of at most {groups} or leave its k_proj and v_proj out of the targets")
+        rows = {"q_proj": heads * head_dim, "k_proj": groups * head_dim, "v_proj": groups * head_dim}
+        return order, {n: rows[n] // tp_size for n in order}, groups // tp_size
+    local = linear.output_size_per_partition
+    return order, {n: local // len(order) for n in order}, 1  # gated fc1: [gate_r; up_r]; or one projection
+
+
+def _attach(linear, base, names: tuple, settings: LoraSettings, generator, tp_rank: int, tp_size: int) -> None:
+    """Adapters for `names` (HF projections) on one base linear, whose weight mapping is `base`."""
     dtype, device = linear.weight.dtype, linear.weight.device
-    kind = "column" if LORA_PROJECTIONS[names[0]][2] == COLUMN else "row"
-    if kind == "column":
-        if path.endswith("linear_qkv"):
-            d = config.kv_channels
-            full = {"q_proj": config.num_attention_heads * d, "k_proj": config.num_query_groups * d,
-                    "v_proj": config.num_query_groups * d}
-            groups = config.num_query_groups // tp_size
-        else:  # linear_fc1: [gate_r; up_r]
-            full = dict.fromkeys(_ORDER["linear_fc1"], linear.output_size_per_partition * tp_size // 2)
-            groups = 1
-        local = {n: size // tp_size for n, size in full.items()}
-        layout = _fused_layout(_ORDER[path.rsplit(".", 1)[-1]], local, groups)
+    if base.split != ROW:
+        order, local, groups = _column_layout(base, linear, tp_size)
         for n in names:
             adapter = Adapter(linear.input_size, local[n], settings.rank, dtype, device)
             _init(adapter, generator, linear.input_size, tp_rank, tp_size)
             _mark(adapter.linear_in.weight, None, linear.sequence_parallel)
             _mark(adapter.linear_out.weight, 0, False)
             linear.add_module(LORA_PREFIX + n, adapter)
+        hook = _LinearLoRA(linear, "column", names, settings, _fused_layout(order, local, groups))
     else:
         adapter = Adapter(linear.input_size_per_partition, linear.output_size, settings.rank, dtype, device)
         _init(adapter, generator, linear.input_size, tp_rank, tp_size)
         _mark(adapter.linear_in.weight, 1, False)
         _mark(adapter.linear_out.weight, None, linear.sequence_parallel)
         linear.add_module(LORA_PREFIX + names[0], adapter)
-        layout = None
-    linear.register_forward_hook(_LinearLoRA(linear, kind, names, settings, layout))
+        hook = _LinearLoRA(linear, "row", names, settings, None)
+    linear.register_forward_hook(hook)
 
 
-def add_lora(model, settings: LoraSettings, opts, seed: int = 0) -> None:
-    """Give this rank's language-model linears their adapters (A: peft's kaiming init, B: zeros).
+def add_lora(model, settings: LoraSettings, opts, hf_config, seed: int = 0) -> None:
+    """Give this rank's targeted linears their adapters (A: peft's kaiming init, B: zeros).
 
-    A is drawn for the full (unsplit) shape from `seed` and the global layer index, then this rank's
+    A is drawn for the full (unsplit) shape from `seed`, the component and the layer, then this rank's
     part taken, so every layout starts from the same adapter."""
     from megatron.core import parallel_state
+
+    from megatron_patch.models.idefics2.model_loading import stage_mappings
 
     if opts.uses_transformer_engine():  # TE fuses the input norm into linear_qkv / linear_fc1
         raise ValueError("LoRA needs the local layers (--transformer-impl local): transformer-engine's "
                          "linear_qkv and linear_fc1 take the input before its norm")
-    lm = getattr(model, "language_model", None)
-    if lm is None or getattr(lm, "decoder", None) is None:
-        return
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    config = lm.config
-    for layer in lm.decoder.layers:
-        generator = torch.Generator().manual_seed(seed * 1000003 + layer.layer_number)
-        for linear_path, names in _linears(settings.targets):
-            _attach(layer.get_submodule(linear_path), linear_path, names, settings, generator, config, tp_rank, tp_size)
-    lm.decoder.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    bases = {m.mcore: m for m in tensor_mappings(hf_config)}
+    linears = {}  # local linear path -> (its weight's mapping, [projections], generator key)
+    for local, m in stage_mappings(hf_config, opts, stage, adapter_mappings(hf_config, settings.targets)).items():
+        if not local.endswith("linear_in.weight"):
+            continue
+        path, projection = local.rsplit(".", 2)[0].split("." + LORA_PREFIX)
+        global_path = m.mcore.rsplit(".", 2)[0].split("." + LORA_PREFIX)[0]
+        entry = linears.setdefault(path, (bases[global_path + ".weight"], [], _generator_key(global_path)))
+        entry[1].append(projection)
+    generators = {}
+    for path, (base, names, key) in linears.items():
+        if key not in generators:
+            generators[key] = torch.Generator().manual_seed(seed * 1000003 + key)
+        _attach(model.get_submodule(path), base, tuple(names), settings, generators[key], tp_rank, tp_size)
+    for block in ("language_model.decoder", "vision_model.decoder"):
+        prefix = block + "."
+        if any(path.startswith(prefix) for path in linears):
+            model.get_submodule(block).register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+
+
+def _generator_key(global_path: str) -> int:
+    """One random stream per layer of each component (the language model's: its layer number)."""
+    for offset, (component, (mcore_prefix, _, _)) in enumerate(LORA_COMPONENTS.items()):
+        head = mcore_prefix.split("{i}")[0]
+        if global_path.startswith(head):
+            rest = global_path[len(head):].split(".", 1)[0]
+            return 1000 * offset + (int(rest) if rest.isdigit() else 0) + 1
+    raise ValueError(f"{global_path} is not in a LoRA component")
 
 
 def _input_requires_grad(block, args, kwargs):
-    """The frozen embedding's output needs no grad; with full recompute a checkpointed layer whose
+    """A frozen embedding's output needs no grad; with full recompute a checkpointed layer whose
     input needs none gives its adapters none either (as gradient checkpointing with peft needs
     `enable_input_require_grads`). A later stage's input, received from the previous one, needs it."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if torch.is_tensor(hidden) and not hidden.requires_grad:
         hidden.requires_grad_(True)
-
-
-def _linears(targets) -> list:
-    """[(linear path in a layer, HF projections on it in megatron's fused order)]."""
-    out = {}
-    for name in DEFAULT_TARGETS:
-        if name in targets:
-            out.setdefault(LORA_PROJECTIONS[name][1], []).append(name)
-    return [(path, tuple(names)) for path, names in out.items()]
-
-
-def adapters(model):
-    """[(global layer index, HF projection, Adapter, base linear)] on this rank."""
-    lm = getattr(model, "language_model", None)
-    if lm is None or getattr(lm, "decoder", None) is None:
-        return []
-    out = []
-    for layer in lm.decoder.layers:
-        for path in dict.fromkeys(linear for _, linear, _ in LORA_PROJECTIONS.values()):
-            linear = layer.get_submodule(path)
-            for name, child in linear.named_children():
-                if name.startswith(LORA_PREFIX):
-                    out.append((layer.layer_number - 1, name[len(LORA_PREFIX):], child, linear))
-    return out

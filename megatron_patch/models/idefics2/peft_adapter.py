@@ -1,15 +1,16 @@
 """A peft LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) of transformers'
 Idefics2: read into the megatron-core adapters of `lora.py`, and written by the exporter.
 
-    settings = read_adapter_settings(folder)              # validated before any model is built
-    load_peft_adapter(model, folder, hf_config, opts)     # this rank's shards, after add_lora
-    write_peft_adapter(folder, settings, tensors, base)   # full HF-named adapter tensors -> a peft folder
+    settings = read_adapter_settings(folder, hf_config)            # validated before any model is built
+    load_peft_adapter(model, folder, settings, hf_config, opts)    # this rank's shards, after add_lora
+    write_peft_adapter(folder, settings, tensors, base)            # full HF-named tensors -> a peft folder
 
 peft saves an adapter under the transformers module names without the adapter's name, e.g.
 `base_model.model.model.text_model.layers.0.self_attn.q_proj.lora_A.weight` ([rank, in]) and
-`...lora_B.weight` ([out, rank]). Which modules carry adapters is read from those keys (the config's
-`target_modules`, a list of names or a regex, only selected them); this slice accepts adapters on every
-layer of the language model only, on one or more of q, k, v, o, gate, up and down projections.
+`...lora_B.weight` ([out, rank]): the HF names of the weight mapping's `adapter_mappings` behind
+`base_model.model.`. Which projections carry adapters is read from those keys (the config's
+`target_modules`, a list of names or a regex, only selected them): any of LORA_PROJECTIONS (language
+model, vision tower, perceiver, modality projection), each on every layer of its component.
 """
 from __future__ import annotations
 
@@ -17,15 +18,20 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from megatron_patch.errors import UserError
-from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, LoraSettings, adapters
-from megatron_patch.models.idefics2.weight_mapping import LORA_PROJECTIONS
+from megatron_patch.models.idefics2.lora import LoraSettings
+from megatron_patch.models.idefics2.weight_mapping import (
+    ALL_LORA_TARGETS,
+    LORA_COMPONENTS,
+    LORA_PREFIX,
+    LORA_PROJECTIONS,
+    adapter_mappings,
+    lora_target,
+    split_lora_target,
+)
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.model\.text_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 # peft options that change what the adapter computes (or what it trains), refused when set.
 _UNSUPPORTED = [
     ("use_dora", lambda v: bool(v), "DoRA"), ("use_rslora", lambda v: bool(v), "rsLoRA (scale alpha / sqrt(r))"),
@@ -60,24 +66,25 @@ class PeftAdapterError(UserError, ValueError):
     """A --lora-load folder this slice cannot use; one line naming the folder and the reason."""
 
 
-def read_adapter_settings(folder) -> LoraSettings:
-    """Rank, alpha, dropout and targets of a peft LoRA folder; PeftAdapterError for what is unsupported."""
+def read_adapter_settings(folder, hf_config, flag: str = "--lora-load") -> LoraSettings:
+    """Rank, alpha, dropout and targets of a peft LoRA folder made on the Idefics2 of `hf_config`;
+    PeftAdapterError (one line, naming `flag`) for what is unsupported or does not fit the model."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise PeftAdapterError(f"--lora-load {folder}: no {path.name} (save the adapter with peft's save_pretrained)")
+            raise PeftAdapterError(f"{flag} {folder}: no {path.name} (save the adapter with peft's save_pretrained)")
     try:
         config = json.loads(config_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise PeftAdapterError(f"--lora-load {config_path} is not valid JSON ({err})") from None
+        raise PeftAdapterError(f"{flag} {config_path} is not valid JSON ({err})") from None
     if config.get("peft_type") != "LORA":
-        raise PeftAdapterError(f"--lora-load {folder}: peft_type {config.get('peft_type')!r} is not supported; only LORA")
+        raise PeftAdapterError(f"{flag} {folder}: peft_type {config.get('peft_type')!r} is not supported; only LORA")
     for key, unsupported, what in _UNSUPPORTED:
         if unsupported(config.get(key)):
-            raise PeftAdapterError(f"--lora-load {folder}: {what} ({key}={config.get(key)!r}) is not supported; "
+            raise PeftAdapterError(f"{flag} {folder}: {what} ({key}={config.get(key)!r}) is not supported; "
                                    "use a plain LoRA adapter")
-    targets = _targets_from_keys(folder, _keys(weights_path))
+    targets = _targets_from_keys(f"{flag} {folder}", _keys(weights_path), hf_config)
     return LoraSettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                         dropout=float(config.get("lora_dropout") or 0.0), targets=targets)
 
@@ -89,50 +96,63 @@ def _keys(path: Path) -> list:
         return list(f.keys())
 
 
-def _targets_from_keys(folder: Path, keys) -> tuple:
-    seen = {}
-    for key in keys:
-        match = _KEY.match(key)
-        projection = match and match.group(3)
-        if not match or LORA_PROJECTIONS.get(projection, ("",))[0] != f"{match.group(2)}.{projection}":
-            raise PeftAdapterError(f"--lora-load {folder}: {key} is outside the language model's q/k/v/o/gate/up/down "
-                                   "projections; adapters on other modules are not supported yet")
-        seen.setdefault(projection, set()).add((int(match.group(1)), match.group(4)))
-    if not seen:
-        raise PeftAdapterError(f"--lora-load {folder}: {WEIGHTS} holds no LoRA weights")
-    layers = {layer for entries in seen.values() for layer, _ in entries}
-    want = {(layer, ab) for layer in range(max(layers) + 1) for ab in "AB"}
-    for projection, entries in seen.items():
-        if entries != want:
-            raise PeftAdapterError(f"--lora-load {folder}: {projection} has adapters on some layers only; "
-                                   "adapters on every language-model layer are supported")
-    return tuple(n for n in DEFAULT_TARGETS if n in seen)
+def _targets_from_keys(where: str, keys, hf_config) -> tuple:
+    """The targets whose A and B are in `keys` on every layer of their component; anything else refused."""
+    known = {PEFT_PREFIX + name: lora_target(*key) for key, names in _adapter_names(hf_config).items() for name in names}
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise PeftAdapterError(f"{where}: {unknown[0]} is not a LoRA A or B of a supported projection of this model "
+                               f"(an adapter on other modules, or on a model with other layers)")
+    present = {known[k] for k in keys}
+    if not present:
+        raise PeftAdapterError(f"{where}: {WEIGHTS} holds no LoRA weights")
+    for key, names in _adapter_names(hf_config).items():
+        target, have = lora_target(*key), [n for n in names if PEFT_PREFIX + n in keys]
+        if target in present and len(have) != len(names):
+            missing = next(n for n in names if PEFT_PREFIX + n not in keys)
+            raise PeftAdapterError(f"{where}: {target} has adapters on some layers only (no {missing}); use an adapter "
+                                   f"of every layer, trained on this base model")
+    return tuple(t for t in ALL_LORA_TARGETS if t in present)
 
 
-def check_layers(folder, num_layers: int) -> None:
-    """The adapter covers exactly the model's language-model layers."""
+def _adapter_names(hf_config) -> dict:
+    """(component, projection) -> the HF names of its A and B on every layer."""
+    out = {}
+    for m in adapter_mappings(hf_config, ALL_LORA_TARGETS):
+        out.setdefault(_projection_of(m), []).append(m.hf[0])
+    return out
+
+
+def _projection_of(m) -> tuple:
+    """(component, projection) of an adapter mapping: from its megatron-core name."""
+    for (component, projection), (_, linear, _) in LORA_PROJECTIONS.items():
+        head = LORA_COMPONENTS[component][0].split("{i}")[0]
+        if m.mcore.startswith(head) and f".{linear}.{LORA_PREFIX}{projection}." in m.mcore:
+            return component, projection
+    raise ValueError(f"{m.mcore} is no adapter")
+
+
+def load_peft_adapter(model, folder, settings: LoraSettings, hf_config, opts) -> None:
+    """Copy this rank's shard of each adapter from the peft folder into `model` (built with add_lora)."""
     from safetensors import safe_open
 
+    from megatron_patch.models.idefics2.model_loading import load_hf_weights
+
     with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
-        layers = {int(_KEY.match(k).group(1)) for k in f.keys()}
-    if max(layers) + 1 != num_layers:
-        raise PeftAdapterError(f"--lora-load {folder}: the adapter has {max(layers) + 1} language-model layers, "
-                               f"the model {num_layers}; use an adapter trained on this base model")
-
-
-def peft_key(layer: int, projection: str, ab: str) -> str:
-    return f"{PEFT_PREFIX}model.text_model.layers.{layer}.{LORA_PROJECTIONS[projection][0]}.lora_{ab}.weight"
+        load_hf_weights(model, lambda name: f.get_tensor(PEFT_PREFIX + name), hf_config, opts,
+                        adapter_mappings(hf_config, settings.targets))
 
 
 def target_modules(targets) -> str:
-    """peft's `target_modules` selecting exactly these projections of the language model's layers (a
-    regex: a list of names would also select the perceiver's and the connector's projections)."""
-    by_module = {}
-    for name in targets:
-        module = LORA_PROJECTIONS[name][0].split(".")[0]
-        by_module.setdefault(module, []).append(name)
-    alternatives = "|".join(rf"{module}\.({'|'.join(names)})" for module, names in by_module.items())
-    return rf".*text_model\.layers\.\d+\.({alternatives})"
+    """peft's `target_modules` selecting exactly these projections (a regex over module names: a list
+    of names would select a q_proj in every component at once)."""
+    paths = []
+    for target in targets:
+        component, projection = split_lora_target(target)
+        module = LORA_PROJECTIONS[(component, projection)][0]
+        hf_prefix = LORA_COMPONENTS[component][1]
+        paths.append(re.escape(hf_prefix + module).replace(re.escape("{i}"), r"\d+"))
+    return rf".*\b({'|'.join(paths)})"
 
 
 def write_peft_adapter(folder, settings: LoraSettings, tensors: dict, base: str) -> None:
@@ -152,32 +172,18 @@ def write_peft_adapter(folder, settings: LoraSettings, tensors: dict, base: str)
     write_durable(folder / CONFIG, json.dumps(config, indent=2) + "\n")
 
 
-def load_peft_adapter(model, folder, settings: LoraSettings) -> None:
-    """Copy this rank's shard of each adapter from the peft folder into `model` (built with add_lora)."""
+def gather_adapter_tensors(model, hf_config, opts) -> dict:
+    """{peft key: (this rank's shard, its gradient or None)} of every adapter here (for tests)."""
     from megatron.core import parallel_state
-    from safetensors import safe_open
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f, torch.no_grad():
-        for layer, projection, adapter, _ in adapters(model):
-            a, b = (f.get_tensor(peft_key(layer, projection, ab)) for ab in "AB")
-            if adapter.linear_in.weight.shape[1] != a.shape[1]:  # row-parallel base: A split on its input
-                a = a.chunk(tp_size, dim=1)[tp_rank]
-            if adapter.linear_out.weight.shape[0] != b.shape[0]:  # column-parallel base: B split on its output
-                b = b.chunk(tp_size, dim=0)[tp_rank]
-            for param, value, ab in ((adapter.linear_in.weight, a, "A"), (adapter.linear_out.weight, b, "B")):
-                if tuple(param.shape) != tuple(value.shape):
-                    raise PeftAdapterError(f"--lora-load {folder}: {peft_key(layer, projection, ab)} has shape "
-                                           f"{tuple(value.shape)}, this rank expects {tuple(param.shape)}")
-                param.copy_(value)
+    from megatron_patch.models.idefics2.model_loading import stage_mappings
 
-
-def gather_adapter_tensors(model) -> dict:
-    """{peft key: this rank's shard} of every adapter here (for tests and, later, export)."""
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    params = dict(model.named_parameters())
     out = {}
-    for layer, projection, adapter, _ in adapters(model):
-        for ab, param in (("A", adapter.linear_in.weight), ("B", adapter.linear_out.weight)):
-            tensor = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
-            out[peft_key(layer, projection, ab)] = (param.detach().cpu(), None if tensor is None else tensor.detach().cpu())
+    for local, m in stage_mappings(hf_config, opts, stage, adapter_mappings(hf_config, ALL_LORA_TARGETS)).items():
+        if local in params:
+            param = params[local]
+            grad = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
+            out[PEFT_PREFIX + m.hf[0]] = (param.detach().cpu(), None if grad is None else grad.detach().cpu())
     return out

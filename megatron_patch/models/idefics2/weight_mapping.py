@@ -127,38 +127,85 @@ def tensor_mappings(hf_config) -> list[TensorMapping]:
     return rows
 
 
-# LoRA adapters (models/idefics2/lora.py) on the language model: HF projection of a text layer ->
-# (its HF module, the megatron-core linear of the layer holding it, that linear's split). Each
-# projection has its own A (`linear_in`, peft's lora_A, [rank, in]) and B (`linear_out`, lora_B,
-# [out, rank]), also inside the fused qkv and fc1. They split like their base linear: a column-parallel
-# base splits B on its output rows (the q, k, v or gate, up rows of the rank's share: plain chunks of
-# the HF rows, whatever the fused layout does with them) and keeps A whole; a row-parallel base splits
-# A on its input columns and keeps B whole.
+# LoRA adapters (models/idefics2/lora.py). A target is "projection" (of the language model's layers)
+# or "component.projection", with HF names: `q_proj`, `vision_model.fc1`, `perceiver_resampler.k_proj`,
+# `modality_projection.down_proj`. Each component: (megatron-core module prefix, HF module prefix; `{i}`
+# is a layer index) and the config field counting its layers (None: one module, no layers).
+LORA_COMPONENTS = {
+    "text_model": ("language_model.decoder.layers.{i}.", HF_TEXT_PREFIX + "layers.{i}.", "text_config.num_hidden_layers"),
+    "vision_model": ("vision_model.decoder.layers.{i}.", HF_VISION_PREFIX + "encoder.layers.{i}.",
+                     "vision_config.num_hidden_layers"),
+    "perceiver_resampler": ("connector.perceiver.layers.{i}.", HF_CONNECTOR_PREFIX + "perceiver_resampler.layers.{i}.",
+                            "perceiver_config.resampler_depth"),
+    "modality_projection": ("connector.modality_projection.", HF_CONNECTOR_PREFIX + "modality_projection.", None),
+}
+# (component, HF projection) -> (its HF module, the megatron-core linear holding it, that linear's
+# split). Each projection has its own A (`linear_in`, peft's lora_A, [rank, in]) and B (`linear_out`,
+# lora_B, [out, rank]), also inside fused linears (qkv, kv, gated fc1). They split like their base
+# linear: a column-parallel base splits B on its output rows (the rank's share of the projection's
+# rows: plain chunks of the HF rows, whatever the fused layout does with them) and keeps A whole; a
+# row-parallel base splits A on its input columns and keeps B whole.
+_ATTENTION_MLP = {"q_proj": ("self_attn.q_proj", "self_attention.linear_qkv", COLUMN),
+                  "k_proj": ("self_attn.k_proj", "self_attention.linear_qkv", COLUMN),
+                  "v_proj": ("self_attn.v_proj", "self_attention.linear_qkv", COLUMN),
+                  "o_proj": ("self_attn.o_proj", "self_attention.linear_proj", ROW),
+                  "gate_proj": ("mlp.gate_proj", "mlp.linear_fc1", COLUMN),
+                  "up_proj": ("mlp.up_proj", "mlp.linear_fc1", COLUMN),
+                  "down_proj": ("mlp.down_proj", "mlp.linear_fc2", ROW)}
 LORA_PROJECTIONS = {
-    "q_proj": ("self_attn.q_proj", "self_attention.linear_qkv", COLUMN),
-    "k_proj": ("self_attn.k_proj", "self_attention.linear_qkv", COLUMN),
-    "v_proj": ("self_attn.v_proj", "self_attention.linear_qkv", COLUMN),
-    "o_proj": ("self_attn.o_proj", "self_attention.linear_proj", ROW),
-    "gate_proj": ("mlp.gate_proj", "mlp.linear_fc1", COLUMN),
-    "up_proj": ("mlp.up_proj", "mlp.linear_fc1", COLUMN),
-    "down_proj": ("mlp.down_proj", "mlp.linear_fc2", ROW),
+    **{("text_model", name): row for name, row in _ATTENTION_MLP.items()},
+    **{("vision_model", name): row for name, row in _ATTENTION_MLP.items() if name in ("q_proj", "k_proj", "v_proj")},
+    ("vision_model", "out_proj"): ("self_attn.out_proj", "self_attention.linear_proj", ROW),
+    ("vision_model", "fc1"): ("mlp.fc1", "mlp.linear_fc1", COLUMN),
+    ("vision_model", "fc2"): ("mlp.fc2", "mlp.linear_fc2", ROW),
+    ("perceiver_resampler", "q_proj"): ("self_attn.q_proj", "self_attention.linear_q", COLUMN),
+    ("perceiver_resampler", "k_proj"): ("self_attn.k_proj", "self_attention.linear_kv", COLUMN),
+    ("perceiver_resampler", "v_proj"): ("self_attn.v_proj", "self_attention.linear_kv", COLUMN),
+    **{("perceiver_resampler", name): _ATTENTION_MLP[name] for name in ("o_proj", "gate_proj", "up_proj", "down_proj")},
+    ("modality_projection", "gate_proj"): ("gate_proj", "linear_fc1", COLUMN),
+    ("modality_projection", "up_proj"): ("up_proj", "linear_fc1", COLUMN),
+    ("modality_projection", "down_proj"): ("down_proj", "linear_fc2", ROW),
 }
 LORA_PREFIX = "lora_"  # adapter modules are children of their base linear: `linear_qkv.lora_q_proj`
 
 
+def lora_target(component: str, projection: str) -> str:
+    """The target's name: bare for the language model (peft's usual choice), qualified elsewhere."""
+    return projection if component == "text_model" else f"{component}.{projection}"
+
+
+ALL_LORA_TARGETS = tuple(lora_target(c, p) for c, p in LORA_PROJECTIONS)
+
+
+def split_lora_target(target: str) -> tuple[str, str]:
+    """"q_proj" -> ("text_model", "q_proj"); "vision_model.fc1" -> ("vision_model", "fc1")."""
+    return tuple(target.split(".", 1)) if "." in target else ("text_model", target)
+
+
+def lora_layers(hf_config, component: str) -> list:
+    """Layer indices of a component ([None] for one without layers)."""
+    field = LORA_COMPONENTS[component][2]
+    if field is None:
+        return [None]
+    sub, name = field.split(".")
+    return list(range(getattr(getattr(hf_config, sub), name)))
+
+
 def adapter_mappings(hf_config, targets) -> list[TensorMapping]:
-    """The LoRA adapters' tensors on every language-model layer, for the projections in `targets`
-    (HF names such as "q_proj"), in a stable order: what a LoRA checkpoint holds."""
+    """The LoRA adapters' tensors for `targets` (module comment), in a stable order: what a LoRA
+    checkpoint holds. Language-model layers are placed on their stage, the rest on the first."""
     rows = []
-    for i in range(hf_config.text_config.num_hidden_layers):
-        for name, (module, linear, split) in LORA_PROJECTIONS.items():
-            if name not in targets:
-                continue
-            a_split, b_split = (REPLICATED, COLUMN) if split == COLUMN else (ROW, REPLICATED)
-            mcore = f"language_model.decoder.layers.{i}.{linear}.{LORA_PREFIX}{name}."
-            hf = f"{HF_TEXT_PREFIX}layers.{i}.{module}."
-            rows.append(TensorMapping(mcore + "linear_in.weight", (hf + "lora_A.weight",), a_split, layer=i, place="layer"))
-            rows.append(TensorMapping(mcore + "linear_out.weight", (hf + "lora_B.weight",), b_split, layer=i, place="layer"))
+    for (component, name), (module, linear, split) in LORA_PROJECTIONS.items():
+        if lora_target(component, name) not in targets:
+            continue
+        mcore_prefix, hf_prefix, _ = LORA_COMPONENTS[component]
+        a_split, b_split = (REPLICATED, COLUMN) if split == COLUMN else (ROW, REPLICATED)
+        for i in lora_layers(hf_config, component):
+            mcore = mcore_prefix.format(i=i) + f"{linear}.{LORA_PREFIX}{name}."
+            hf = hf_prefix.format(i=i) + f"{module}."
+            place = {"layer": i, "place": "layer"} if component == "text_model" else {}
+            rows.append(TensorMapping(mcore + "linear_in.weight", (hf + "lora_A.weight",), a_split, **place))
+            rows.append(TensorMapping(mcore + "linear_out.weight", (hf + "lora_B.weight",), b_split, **place))
     return rows
 
 

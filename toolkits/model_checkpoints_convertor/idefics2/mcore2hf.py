@@ -98,7 +98,7 @@ def convert(args: argparse.Namespace) -> str:
         raise CheckpointError(f"--lora-base: {folder} is a full checkpoint, not a LoRA one; drop --lora-base")
     merge = None
     if lora is not None:  # the base's tensors stream through, each with its adapter merged in
-        merge = AdapterMerge(source)
+        merge = AdapterMerge.of_checkpoint(source)
         base, base_iteration = check_base(lora, folder, args.lora_base)
         source = ShardedCheckpoint(resolve_iteration(base, base_iteration)[1])
     hf_config, layout, tp = source.hf_config, source.layout, source.tp_size
