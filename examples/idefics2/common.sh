@@ -23,8 +23,9 @@
 #                written in the background from a host copy of the state)
 #   LoRA         LORA_RANK (empty: full training; R: --lora-rank R, the whole base frozen), LORA_ALPHA
 #                (empty: R), LORA_DROPOUT, LORA_TARGETS (--lora-target-modules; empty: the language
-#                model's seven projections), LORA_LOAD (a peft adapter folder to start from). A resume
-#                of SAVE takes the adapters' settings from its checkpoint and drops LORA_LOAD.
+#                model's seven projections), LORA_MODULES_TO_SAVE (e.g. connector: trained fully),
+#                LORA_LOAD (a peft adapter folder to start from). A resume of SAVE takes the
+#                adapters' settings from its checkpoint and drops LORA_LOAD.
 #   DRY_RUN=1    print the command and exit 0 without running it
 # Arguments given to the launcher are appended to the entry point's flags (the last one wins).
 # Gradient-accumulation fusion needs no setting: the entry point turns it on where apex's
@@ -45,7 +46,7 @@ ENTRY="$REPO/examples/idefics2/pretrain_megatron_idefics2.py"
 : "${OVERLAP:=1}" "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
 export CUDA_DEVICE_MAX_CONNECTIONS
 : "${EXIT_SIGNAL:=}" "${SAVE_TOTAL_LIMIT:=}" "${ASYNC_SAVE:=0}"
-: "${LORA_RANK:=}" "${LORA_ALPHA:=}" "${LORA_DROPOUT:=}" "${LORA_TARGETS:=}" "${LORA_LOAD:=}"
+: "${LORA_RANK:=}" "${LORA_ALPHA:=}" "${LORA_DROPOUT:=}" "${LORA_TARGETS:=}" "${LORA_MODULES_TO_SAVE:=}" "${LORA_LOAD:=}"
 : "${DIST_FLAGS=--bf16 --use-distributed-optimizer --accumulate-allreduce-grads-in-fp32}"
 
 die() { echo "$NAME: error: $*" >&2; exit 1; }
@@ -106,6 +107,7 @@ fi
 [[ -n "$LORA_ALPHA" ]] && ARGS+=(--lora-alpha "$LORA_ALPHA")
 [[ -n "$LORA_DROPOUT" ]] && ARGS+=(--lora-dropout "$LORA_DROPOUT")
 [[ -n "$LORA_TARGETS" ]] && ARGS+=(--lora-target-modules "$LORA_TARGETS")
+[[ -n "$LORA_MODULES_TO_SAVE" ]] && ARGS+=(--lora-modules-to-save "$LORA_MODULES_TO_SAVE")
 if [[ -n "$LORA_LOAD" ]]; then
   [[ -f "$LORA_LOAD/adapter_config.json" ]] || die "LORA_LOAD=$LORA_LOAD holds no adapter_config.json (a peft adapter folder)"
   ARGS+=(--lora-load "$LORA_LOAD")

@@ -1,9 +1,9 @@
 """LoRA checkpoints: the adapters alone, and the record of the base model they were trained on.
 
-A LoRA run saves its adapters' tensors (rank folders like any checkpoint, placed by the weight
-mapping's `adapter_mappings`) and no copy of the frozen base. `checkpoint_info.json` says so:
+A LoRA run saves its adapters' tensors and those of the modules it trains fully (rank folders like any
+checkpoint, placed by the weight mapping's `checkpoint_mappings`) and no copy of the frozen base. `checkpoint_info.json` says so:
 
-    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": ["q_proj", ...],
+    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": ["q_proj", ...], "modules_to_save": [],
              "base": {"path": "/ckpts/idefics2-8b-tp8", "iteration": "release", "fingerprint": "3f9c..."}}
 
 The fingerprint hashes the base iteration's `checkpoint_info.json`, its config and a sample of every
@@ -51,7 +51,7 @@ def base_record(base_dir, iteration: Optional[Iteration]) -> dict:
 def lora_record(settings, base: dict) -> dict:
     """checkpoint_info.json's "lora" for adapters of `settings` (a LoraSettings) on `base`."""
     return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
-            "targets": list(settings.targets), "base": base}
+            "targets": list(settings.targets), "modules_to_save": list(settings.modules_to_save), "base": base}
 
 
 def check_base(record: dict, checkpoint: Path, override: Optional[str] = None) -> tuple[str, Iteration]:

@@ -29,7 +29,7 @@ from megatron_patch.models.idefics2.weight_mapping import PipelineLayout
 INFO_FILE = "checkpoint_info.json"
 FORMAT = "megatron_patch.idefics2.per_rank_safetensors"
 FORMAT_VERSION = 1
-_LORA_KEYS = ("rank", "alpha", "dropout", "targets", "base")
+_LORA_KEYS = ("rank", "alpha", "dropout", "targets", "modules_to_save", "base")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class CheckpointInfo:
     num_tensors: int = 0
     total_bytes: int = 0
     created_by: str = ""
-    lora: Optional[dict] = None  # a LoRA checkpoint (adapters only): rank, alpha, dropout, targets, base
+    lora: Optional[dict] = None  # a LoRA checkpoint: rank, alpha, dropout, targets, modules_to_save, base
     model_type: str = "idefics2"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -59,6 +59,11 @@ class CheckpointInfo:
     def adapter_targets(self) -> Optional[tuple]:
         """The projections a LoRA checkpoint's adapters sit on (None: a full checkpoint)."""
         return None if self.lora is None else tuple(self.lora["targets"])
+
+    @property
+    def modules_to_save(self) -> tuple:
+        """The modules a LoRA checkpoint's run trained fully (it holds them beside the adapters)."""
+        return () if self.lora is None else tuple(self.lora["modules_to_save"])
 
     def pipeline_layout(self, hf_config) -> PipelineLayout:
         return PipelineLayout(

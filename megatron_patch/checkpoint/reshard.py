@@ -48,7 +48,8 @@ class ShardedCheckpoint:
         except ValueError as err:
             raise CheckpointError(f"{self.dir}: saved layout does not fit its config: {err}") from None
         self.tied = tied_word_embeddings(self.hf_config)
-        self.mappings = checkpoint_mappings(self.hf_config, self.info.adapter_targets)  # a LoRA one: adapters
+        # A LoRA checkpoint: its adapters and the modules it trained fully.
+        self.mappings = checkpoint_mappings(self.hf_config, self.info.adapter_targets, self.info.modules_to_save)
         self._readers: dict[tuple, RankReader] = {}
         self._source: dict[str, tuple] = {}  # HF name -> (mapping, stage, local) it is merged from
         for m in self.mappings:

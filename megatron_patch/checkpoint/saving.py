@@ -23,13 +23,15 @@ from megatron_patch.checkpoint.layout import Iteration, parse_iteration, rank_di
 from megatron_patch.checkpoint.model_files import RankReader, write_rank_tensors
 from megatron_patch.checkpoint.verify import verify_rank_folders
 from megatron_patch.models.idefics2.config import ParallelOptions
-from megatron_patch.models.idefics2.model_loading import is_adapter_parameter, local_tensors, pipeline_layout, unwrap
+from megatron_patch.models.idefics2.layer_specs import module_to_canonical_name
+from megatron_patch.models.idefics2.model_loading import local_tensors, pipeline_layout, unwrap
 
 
 class ModelWeights:
     """This rank's model part; `config_source`: a folder whose tokenizer/processor files are carried
     into `hf_config/` (the loaded checkpoint's `hf_config/` or the HF folder training started from).
-    `lora`: a LoRA run's record (checkpoint/adapters.py): only the adapters are saved."""
+    `lora`: a LoRA run's record (checkpoint/adapters.py): only what trains is saved (the adapters and
+    the modules to save)."""
 
     def __init__(self, model, iteration: Iteration, hf_config, opts: ParallelOptions,
                  config_source: Optional[Path] = None, lora: Optional[dict] = None):
@@ -46,8 +48,10 @@ class ModelWeights:
         name = rank_dir_name(tp_rank, stage, self.opts.pipeline_model_parallel_size)
         model = unwrap(self.model)
         tensors = local_tensors(model, self.opts)  # host copies of GPU parameters; CPU ones as they are
-        if self.lora is not None:  # the frozen base is in its own checkpoint
-            tensors = {key: tensor for key, tensor in tensors.items() if is_adapter_parameter(key)}
+        if self.lora is not None:  # what trains: adapters and modules to save (the frozen base has its checkpoint)
+            te = self.opts.uses_transformer_engine()
+            trained = {module_to_canonical_name(n, te) for n, p in model.named_parameters() if p.requires_grad}
+            tensors = {key: tensor for key, tensor in tensors.items() if key in trained}
         if copy and next(model.parameters()).device.type == "cpu":
             tensors = {key: tensor.clone() for key, tensor in tensors.items()}
         return lambda staging: write_rank_tensors(staging / name, tensors)

@@ -26,6 +26,7 @@ from megatron_patch.models.idefics2.weight_mapping import (
     checkpoint_mappings,
     hf_tensor_names,
     hf_to_mcore,
+    saved_module_mappings,
 )
 
 
@@ -39,7 +40,8 @@ def hf_tensor_shapes(hf_config, lora=None) -> dict[str, tuple]:
     state = model.state_dict()
     if lora is None:
         return {name: tuple(state[name].shape) for name in hf_tensor_names(hf_config)}
-    shapes = {}
+    shapes = {name: tuple(state[name].shape) for m in saved_module_mappings(hf_config, lora["modules_to_save"])
+              for name in m.hf}
     for m in adapter_mappings(hf_config, lora["targets"]):
         out_features, in_features = state[adapter_base_weight(m.hf[0])].shape
         shapes[m.hf[0]] = (lora["rank"], in_features) if ".lora_A." in m.hf[0] else (out_features, lora["rank"])
@@ -52,7 +54,8 @@ def rank_tensor_shapes(hf_config, layout: PipelineLayout, tp_size: int, hf_shape
     hf_shapes = hf_shapes or hf_tensor_shapes(hf_config, lora)
     tied = tied_word_embeddings(hf_config)
     out = {(s, r): {} for s in range(layout.pipeline_size) for r in range(tp_size)}
-    for m in checkpoint_mappings(hf_config, None if lora is None else lora["targets"]):
+    targets, modules = (None, ()) if lora is None else (lora["targets"], lora["modules_to_save"])
+    for m in checkpoint_mappings(hf_config, targets, modules):
         meta = [torch.empty(hf_shapes[name], device="meta") for name in m.hf]
         for stage, local in layout.placements(m, tied):
             for r in range(tp_size):

@@ -24,22 +24,26 @@ from megatron_patch.models.idefics2.weight_mapping import adapter_base_weight
 
 
 def adapter_tensors(source) -> dict:
-    """{HF name: full tensor} of every adapter of a LoRA checkpoint (a ShardedCheckpoint of one)."""
+    """{HF name: full tensor} of every adapter and module to save of a LoRA checkpoint (a
+    ShardedCheckpoint of one)."""
     if source.info.lora is None:
         raise CheckpointError(f"{source.dir} is a full checkpoint, not a LoRA one: it holds no adapters")
     return {name: source.hf_tensor(name) for m in source.mappings for name in m.hf}
 
 
 class AdapterMerge:
-    """Base weight -> merged weight, for each base projection the adapters sit on; `tensors` are the
-    adapters' full A and B by HF name, `scale` alpha / rank."""
+    """Base weight -> merged weight: with its adapter merged in, or the trained value of a module to
+    save; `tensors` are the adapters' full A and B and the modules' tensors by HF name, `scale`
+    alpha / rank."""
 
     def __init__(self, scale: float, tensors: dict, source: str):
         self.scale, self.source = scale, source
-        self.pairs = {}
+        self.pairs, self.replaced = {}, {}  # base weight -> (A, B); a module to save's weight -> its trained value
         for name in tensors:
             if ".lora_A." in name:
                 self.pairs[adapter_base_weight(name)] = (tensors[name], tensors[name.replace(".lora_A.", ".lora_B.")])
+            elif ".lora_B." not in name:
+                self.replaced[name] = tensors[name]
         self.merged = set()
 
     @classmethod
@@ -57,6 +61,9 @@ class AdapterMerge:
         return cls(settings.scale, {name[len(PEFT_PREFIX):]: t for name, t in tensors.items()}, str(folder))
 
     def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.replaced:
+            self.merged.add(name)
+            return self.replaced[name].to(weight.device, weight.dtype)
         if name not in self.pairs:
             return weight
         a, b = self.pairs[name]
@@ -67,7 +74,7 @@ class AdapterMerge:
         return (weight.float() + (b.float() @ a.float()).to(weight.device) * self.scale).to(weight.dtype)
 
     def check_all_merged(self) -> None:
-        missing = sorted(set(self.pairs) - self.merged)
+        missing = sorted((set(self.pairs) | set(self.replaced)) - self.merged)
         if missing:
             raise CheckpointError(f"{self.source}: the adapter of {missing[0]} found no such base weight "
                                   f"({len(missing)} unmerged)")

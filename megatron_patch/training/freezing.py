@@ -29,13 +29,21 @@ def freeze(model, frozen) -> None:
             param.requires_grad_(False)
 
 
-def freeze_base_for_lora(model) -> None:
-    """With LoRA every base weight (vision tower, connector, language model) is frozen, as peft does;
-    only the adapters (models/idefics2/lora.py) train."""
-    from megatron_patch.models.idefics2.model_loading import is_adapter_parameter
+def freeze_base_for_lora(model, settings, hf_config, opts) -> None:
+    """With LoRA every base weight (vision tower, connector, language model) is frozen, as peft does,
+    but those of the modules `settings.modules_to_save` names; the adapters (models/idefics2/lora.py)
+    train."""
+    from megatron.core import parallel_state
 
+    from megatron_patch.models.idefics2.layer_specs import canonical_to_module_name
+    from megatron_patch.models.idefics2.model_loading import is_adapter_parameter, stage_mappings
+    from megatron_patch.models.idefics2.weight_mapping import saved_module_mappings
+
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    saved = stage_mappings(hf_config, opts, stage, saved_module_mappings(hf_config, settings.modules_to_save))
+    trained = {canonical_to_module_name(local, opts.uses_transformer_engine()) for local in saved}
     for name, param in model.named_parameters():
-        param.requires_grad_(is_adapter_parameter(name))
+        param.requires_grad_(is_adapter_parameter(name) or name in trained)
 
 
 def _counted_once(param) -> bool:

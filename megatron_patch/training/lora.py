@@ -4,6 +4,7 @@
     --lora-alpha A                scale A / R as peft (default: R, a scale of 1; peft's own default is 8)
     --lora-dropout P              on the adapters' input, as peft (default 0)
     --lora-target-modules NAMES   which projections (default: the language model's seven); see _targets
+    --lora-modules-to-save NAMES  peft's modules_to_save: modules trained fully beside the adapters
     --lora-load PEFT_DIR          start from a peft adapter folder: rank, alpha, targets from it
     --lora-base CKPT              resuming a LoRA checkpoint: its base, when not at the recorded path
 
@@ -21,7 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_patch.models.idefics2.lora import DEFAULT_TARGETS, LoraSettings
-from megatron_patch.models.idefics2.weight_mapping import ALL_LORA_TARGETS, LORA_COMPONENTS
+from megatron_patch.models.idefics2.weight_mapping import (
+    ALL_LORA_TARGETS,
+    LORA_COMPONENTS,
+    LORA_MODULES_TO_SAVE,
+    targets_inside,
+)
 
 _FREEZE = ("--freeze-llm", "freeze_llm"), ("--freeze-clip-vision-tower", "freeze_clip_vision_tower"), \
     ("--freeze-perceiver", "freeze_perceiver")
@@ -37,6 +43,9 @@ def add_lora_arguments(parser) -> None:
                    help="comma-separated projections (HF names): q_proj (the language model's), vision_model.fc1, "
                         "perceiver_resampler.k_proj, modality_projection.down_proj; a component alone (vision_model) for "
                         f"all of its projections; all-linear for every one (default: {','.join(DEFAULT_TARGETS)})")
+    g.add_argument("--lora-modules-to-save", default=None, metavar="NAMES",
+                   help="peft's modules_to_save, comma-separated: modules trained fully beside the adapters and exported "
+                        f"whole ({', '.join(LORA_MODULES_TO_SAVE)}; e.g. connector)")
     g.add_argument("--lora-load", default=None, metavar="PEFT_DIR",
                    help="start from a peft adapter folder (adapter_config.json + adapter_model.safetensors)")
     g.add_argument("--lora-base", default=None, metavar="CKPT",
@@ -69,8 +78,25 @@ def _targets(text: str) -> tuple:
     return tuple(t for t in ALL_LORA_TARGETS if t in chosen)
 
 
+def _modules(text: str) -> tuple:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in LORA_MODULES_TO_SAVE:
+            raise _error(f"--lora-modules-to-save {name}: not a supported module; choose among "
+                         f"{','.join(LORA_MODULES_TO_SAVE)}")
+    return tuple(n for n in LORA_MODULES_TO_SAVE if n in names)
+
+
 def _check_fits(args, hf_config, lora: LoraSettings) -> None:
-    """Adapters the layout cannot hold: on the perceiver's k/v when TP copies its key/value heads."""
+    """Adapters the layout cannot hold: on the perceiver's k/v when TP copies its key/value heads;
+    targets inside a module trained fully; a tied embedding trained fully."""
+    inside = targets_inside(lora.modules_to_save, lora.targets)
+    if inside:
+        raise _error(f"--lora-target-modules {inside[0]} lies inside --lora-modules-to-save "
+                     f"{','.join(lora.modules_to_save)}: a module trained fully needs no adapter; drop one of them")
+    if {"embed_tokens", "lm_head"} & set(lora.modules_to_save) and hf_config.text_config.tie_word_embeddings:
+        raise _error("--lora-modules-to-save embed_tokens/lm_head: this model ties them (tie_word_embeddings); "
+                     "training a tied embedding fully with LoRA is not supported")
     kv_heads = hf_config.perceiver_config.num_key_value_heads
     kv = {"perceiver_resampler.k_proj", "perceiver_resampler.v_proj"} & set(lora.targets)
     if kv and args.tensor_model_parallel_size > kv_heads:
@@ -101,7 +127,7 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
     saved, folder = _saved_lora(args, iteration)
     on = args.lora_rank is not None or args.lora_load is not None or saved is not None
     if not on:
-        for dest in ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_base"):
+        for dest in ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "lora_base"):
             if getattr(args, dest) is not None:
                 raise _error(f"--{dest.replace('_', '-')} needs --lora-rank or --lora-load (LoRA is off)")
         return
@@ -117,8 +143,9 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
     if args.lora_alpha is not None and args.lora_alpha <= 0:
         raise _error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
     targets = None if args.lora_target_modules is None else _targets(args.lora_target_modules)
+    modules = None if args.lora_modules_to_save is None else _modules(args.lora_modules_to_save)
     if saved is not None:
-        args.lora = _from_checkpoint(args, targets, saved, folder)
+        args.lora = _from_checkpoint(args, targets, modules, saved, folder)
         _check_fits(args, hf_config, args.lora)
         try:
             args.base_load, args.base_iteration = check_base(saved, folder, args.lora_base)
@@ -140,46 +167,47 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
     if args.lora_load is None:
         rank = args.lora_rank
         args.lora = LoraSettings(rank, float(args.lora_alpha if args.lora_alpha is not None else rank),
-                                 args.lora_dropout or 0.0, targets or DEFAULT_TARGETS)
+                                 args.lora_dropout or 0.0, targets or DEFAULT_TARGETS, modules or ())
     else:
-        args.lora = _from_peft_folder(args, targets, hf_config)
+        args.lora = _from_peft_folder(args, targets, modules, hf_config)
     _check_fits(args, hf_config, args.lora)
     if args.save:
         args.lora_record = lora_record(args.lora, base_record(args.load, iteration))
 
 
-def _agreeing(args, targets, loaded: LoraSettings, source: str) -> LoraSettings:
-    """The settings of adapters loaded from `source`; flags naming another rank, alpha or targets are
-    refused; --lora-dropout may change the dropout."""
+def _agreeing(args, targets, modules, loaded: LoraSettings, source: str) -> LoraSettings:
+    """The settings of adapters loaded from `source`; flags naming another rank, alpha, targets or
+    modules to save are refused; --lora-dropout may change the dropout."""
     disagree = [
         ("--lora-rank", args.lora_rank, loaded.rank, args.lora_rank is not None and args.lora_rank != loaded.rank),
         ("--lora-alpha", args.lora_alpha, loaded.alpha, args.lora_alpha is not None and args.lora_alpha != loaded.alpha),
         ("--lora-target-modules", args.lora_target_modules, ",".join(loaded.targets),
          targets is not None and targets != loaded.targets),
+        ("--lora-modules-to-save", args.lora_modules_to_save, ",".join(loaded.modules_to_save) or "none",
+         modules is not None and modules != loaded.modules_to_save),
     ]
     for flag, given, stored, differs in disagree:
         if differs:
             raise _error(f"{flag} {given} disagrees with {source}'s adapter ({stored}); drop {flag}")
     dropout = args.lora_dropout if args.lora_dropout is not None else loaded.dropout
-    return LoraSettings(loaded.rank, loaded.alpha, dropout, loaded.targets)
+    return LoraSettings(loaded.rank, loaded.alpha, dropout, loaded.targets, loaded.modules_to_save)
 
 
-def _from_checkpoint(args, targets, saved: dict, folder) -> LoraSettings:
+def _from_checkpoint(args, targets, modules, saved: dict, folder) -> LoraSettings:
     if args.lora_load is not None:
         raise _error(f"--lora-load with --load {args.load}: that LoRA checkpoint's adapters are loaded; "
                      "drop --lora-load")
-    loaded = LoraSettings.from_record(saved)
-    return _agreeing(args, targets, loaded, f"--load {folder}")
+    return _agreeing(args, targets, modules, LoraSettings.from_record(saved), f"--load {folder}")
 
 
-def _from_peft_folder(args, targets, hf_config) -> LoraSettings:
+def _from_peft_folder(args, targets, modules, hf_config) -> LoraSettings:
     from megatron_patch.models.idefics2.peft_adapter import PeftAdapterError, read_adapter_settings
 
     try:
         loaded = read_adapter_settings(args.lora_load, hf_config)
     except PeftAdapterError as err:
         raise _error(str(err)) from None
-    return _agreeing(args, targets, loaded, f"--lora-load {args.lora_load}")
+    return _agreeing(args, targets, modules, loaded, f"--lora-load {args.lora_load}")
 
 
 def apply_lora(model, args, opts) -> None:
@@ -192,4 +220,4 @@ def apply_lora(model, args, opts) -> None:
     add_lora(model, args.lora, opts, args.hf_config, seed=args.seed)
     if args.lora_load:
         load_peft_adapter(model, args.lora_load, args.lora, args.hf_config, opts)
-    freeze_base_for_lora(model)
+    freeze_base_for_lora(model, args.lora, args.hf_config, opts)

@@ -20,14 +20,15 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """A LoRA run at TP2 (one step from a peft adapter whose A and B are random) saved, on the fixture's
-    tiny base: its checkpoint folder and the peft adapter it started from."""
+    """A LoRA run at TP2 (steps from a peft adapter whose A and B are random, the modality projection
+    trained fully beside it) saved, on the fixture's tiny base: its checkpoint folder."""
     from transformers import Idefics2ForConditionalGeneration
 
     root = tmp_path_factory.mktemp("lora_export")
     inputs = training_inputs()
     start = root / "start_adapter"
-    save_peft_adapter(start, hf_model=Idefics2ForConditionalGeneration.from_pretrained(inputs["hf"]))
+    save_peft_adapter(start, hf_model=Idefics2ForConditionalGeneration.from_pretrained(inputs["hf"]),
+                      modules_to_save=["modality_projection"])
     run_distributed(2, train, train_flags(inputs, root / "run", tp=2, iters=2, gbs=2,
                                           extra=["--lora-load", str(start)]))
     return inputs, root / "run"
@@ -60,6 +61,7 @@ def test_adapter_only_export_loads_in_peft_with_the_checkpoints_adapters(lora_ru
     assert mcore2hf(run, out, "--adapter-only") == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 12.0, "LORA")
+    assert config["modules_to_save"] == ["modality_projection"]
     model = PeftModel.from_pretrained(_hf_model(inputs), str(out))
     loaded = get_peft_model_state_dict(model)
     source = ShardedCheckpoint(resolve_iteration(run, None)[1])
@@ -88,7 +90,10 @@ def test_merged_export_equals_peft_merged_model(lora_run, tmp_path):
     got, want, before = (_logits(m, ours.config) for m in (ours, theirs, base))
     assert (got - want).abs().max() < 1e-5
     assert (want - before).abs().max() > 1e-2  # the adapters change the model: the comparison is not vacuous
-    untouched = [n for n, t in base.state_dict().items() if "text_model.layers" not in n or "norm" in n]
+    adapted = ("text_model.layers", "modality_projection")  # adapters merged; the module trained fully replaced
+    untouched = [n for n in base.state_dict() if not any(a in n for a in adapted) or "norm" in n]
+    assert any("modality_projection" in n and not torch.equal(ours.state_dict()[n], t)
+               for n, t in base.state_dict().items())
     state = ours.state_dict()
     assert all(torch.equal(state[n], base.state_dict()[n]) for n in untouched)  # only adapted weights change
 

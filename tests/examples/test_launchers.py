@@ -24,7 +24,7 @@ SETTINGS = """NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE TP PP SP MB
     WARMUP_ITERS LR_DECAY_STYLE LR_DECAY_ITERS LOAD SAVE SAVE_INTERVAL FINETUNE AUTO_RESUME DATA_PATH VALID_DATA_PATH
     EVAL_INTERVAL EVAL_ITERS NUM_WORKERS FREEZE ANSWER_LOSS_ONLY DIST_FLAGS LOG_INTERVAL TENSORBOARD_DIR SCRIPT
     REPO OVERLAP CUDA_DEVICE_MAX_CONNECTIONS EXIT_SIGNAL SAVE_TOTAL_LIMIT ASYNC_SAVE LORA_RANK LORA_ALPHA LORA_DROPOUT
-    LORA_TARGETS LORA_LOAD""".split()
+    LORA_TARGETS LORA_MODULES_TO_SAVE LORA_LOAD""".split()
 
 
 @pytest.fixture
@@ -129,9 +129,10 @@ def test_lora_settings_reach_the_entry_point_and_a_resume_drops_lora_load(paths,
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     _, args = dry("finetune_idefics2.sh", paths, LORA_RANK=16, LORA_ALPHA=32, LORA_DROPOUT=0.05,
-                  LORA_TARGETS="q_proj,v_proj,vision_model", LORA_LOAD=adapter)
+                  LORA_TARGETS="q_proj,v_proj,vision_model", LORA_MODULES_TO_SAVE="connector", LORA_LOAD=adapter)
     assert (args.lora_rank, args.lora_alpha, args.lora_dropout) == (16, 32.0, 0.05)
     assert args.lora_target_modules == "q_proj,v_proj,vision_model" and args.lora_load == str(adapter)
+    assert args.lora_modules_to_save == "connector"
     _, args = dry("finetune_idefics2.sh", paths)
     assert args.lora_rank is None and args.lora_load is None
     save = Path(paths["SAVE"])

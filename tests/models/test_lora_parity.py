@@ -104,3 +104,23 @@ def test_adapters_on_every_component_match_peft(all_linear_adapter):
     loss, grads, _ = run_distributed(2, cases.lora_loss_and_grads_case, folder, 2, 1, sequence_parallel=True)[0]
     assert abs(loss - reference["loss"]) < 1e-5
     _check_grads(grads, reference)
+
+
+@pytest.fixture(scope="module")
+def saved_modules_adapter(tmp_path_factory):
+    # peft's modules_to_save: the connector trains fully beside the language model's adapters.
+    folder = tmp_path_factory.mktemp("peft_modules_to_save_adapter")
+    cases.save_peft_adapter(folder, modules_to_save=["connector"])
+    return folder, cases.peft_reference(folder)
+
+
+def test_modules_to_save_match_peft(saved_modules_adapter):
+    folder, reference = saved_modules_adapter
+    connector = [name for name in reference["grads"] if ".connector." in name]
+    assert connector and all(".lora_" not in name for name in connector)  # trained whole, not adapted
+    logits = run_distributed(4, cases.lora_logits_case, folder, 2, 2)[0]
+    assert float((logits - reference["logits"]).abs().max()) < ATOL
+    loss, grads, trainable = run_distributed(2, cases.lora_loss_and_grads_case, folder, 1, 2)[0]
+    assert abs(loss - reference["loss"]) < 1e-5
+    _check_grads(grads, reference)
+    assert {n.split(".")[0] for n in trainable if ".lora_" not in n} == {"connector"}

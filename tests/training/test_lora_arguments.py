@@ -51,6 +51,7 @@ def paths(tmp_path_factory):
          "rslora": _save_adapter(root / "rslora", use_rslora=True),
          "bias": _save_adapter(root / "bias", bias="all"),
          "modules_to_save": _save_adapter(root / "modules_to_save", modules_to_save=["connector"]),
+         "modules_to_save_other": _save_adapter(root / "modules_to_save_other", modules_to_save=["score"]),
          "layers": _save_adapter(root / "layers", target_modules=TARGETS.split(","), layers_to_transform=[0, 1]),
          "pattern": _save_adapter(root / "pattern", rank_pattern={"q_proj": 8}),
          "pissa": _save_adapter(root / "pissa", init_lora_weights="pissa"),
@@ -97,6 +98,8 @@ def test_lora_targets_beyond_the_language_model(paths):
     assert lora.targets == ("v_proj", "vision_model.q_proj", "vision_model.k_proj", "vision_model.v_proj",
                             "vision_model.out_proj", "vision_model.fc1", "vision_model.fc2", "perceiver_resampler.q_proj",
                             "modality_projection.down_proj")
+    saved = _validated(paths, "--lora-rank 4 --lora-modules-to-save modality_projection,vision_model").lora
+    assert saved.modules_to_save == ("vision_model", "modality_projection")  # peft's modules_to_save, in table order
     everything = _validated(paths, "--lora-rank 4 --lora-target-modules all-linear").lora.targets
     assert len(everything) == 7 + 6 + 7 + 3 and "perceiver_resampler.k_proj" in everything
 
@@ -116,7 +119,12 @@ def test_lora_targets_beyond_the_language_model(paths):
     ("--lora-load {dora}", "DoRA (use_dora=True) is not supported"),
     ("--lora-load {rslora}", "rsLoRA"),
     ("--lora-load {bias}", "bias training (bias='all') is not supported"),
-    ("--lora-load {modules_to_save}", "modules_to_save"),
+    ("--lora-load {modules_to_save}", "modules_to_save ['connector'] but adapter_model.safetensors lacks"),
+    ("--lora-load {modules_to_save_other}", "modules_to_save 'score' is not supported"),
+    ("--lora-rank 8 --lora-modules-to-save encoder", "--lora-modules-to-save encoder: not a supported module"),
+    ("--lora-modules-to-save connector", "--lora-modules-to-save needs --lora-rank or --lora-load"),
+    ("--lora-rank 8 --lora-target-modules q_proj,perceiver_resampler.q_proj --lora-modules-to-save connector",
+     "perceiver_resampler.q_proj lies inside --lora-modules-to-save connector"),
     ("--lora-load {layers}", "layers_to_transform"),
     ("--lora-load {pattern}", "rank_pattern"),
     ("--lora-load {pissa}", "init_lora_weights"),

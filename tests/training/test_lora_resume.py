@@ -1,7 +1,7 @@
 """LoRA checkpoints: the adapters alone (no copy of the frozen base) with the optimizer, schedule, RNG and
 data state; the base they train recorded and checked on resume; a run killed by SIGKILL resumes bit
 for bit (with adapter dropout: the RNG states matter), and a run saved at one layout resumes at another
-with its adapters' optimizer state and the same next losses."""
+with its adapters' optimizer state and the same next losses (the modules trained fully beside the adapters too)."""
 from __future__ import annotations
 
 import json
@@ -69,17 +69,20 @@ def test_sigkill_lora_run_then_resume_is_bit_identical(tmp_path):
 
 @pytest.fixture(scope="module")
 def lora_saved_at_1_2_2(tmp_path_factory):
-    """4 LoRA iterations at TP1 x PP2 x DP2 (distributed optimizer, Adam), saved at 2 and 4."""
+    """4 LoRA iterations at TP1 x PP2 x DP2 (distributed optimizer, Adam), the modality projection
+    trained fully beside the adapters, saved at 2 and 4."""
     root = tmp_path_factory.mktemp("lora_layouts")
     inputs = training_inputs()
-    run_distributed(4, train, train_flags(inputs, root / "run", iters=4, extra=PP2_DP2 + LORA[:4]))
+    extra = PP2_DP2 + LORA[:4] + ["--lora-modules-to-save", "modality_projection"]
+    run_distributed(4, train, train_flags(inputs, root / "run", iters=4, extra=extra))
     return inputs, root
 
 
 def test_lora_resume_at_another_layout_keeps_adapter_optimizer_state(lora_saved_at_1_2_2, tmp_path):
     inputs, root = lora_saved_at_1_2_2
     saved = saved_optimizer_state(root / "run" / "iter_0000002", KEYS)
-    assert saved["param"] and all(".lora_" in name for name in saved["param"])  # adapters' state only
+    assert saved["param"] and all(".lora_" in name or ".modality_projection." in name for name in saved["param"])
+    assert any(".modality_projection." in name for name in saved["param"])  # what trains, nothing frozen
     flags = train_flags(inputs, tmp_path / "resumed", iters=4,
                         extra=["--tensor-model-parallel-size", "2", "--use-distributed-optimizer",
                                "--load", str(root / "run"), "--iteration", "2"])
@@ -89,6 +92,7 @@ def test_lora_resume_at_another_layout_keeps_adapter_optimizer_state(lora_saved_
         for name, tensor in saved[key].items():
             assert torch.equal(loaded[key][name], tensor), (key, name)
     assert any(float(t.abs().sum()) > 0 for n, t in saved["exp_avg_sq"].items() if "lora_B" in n)
+    assert any(float(t.abs().sum()) > 0 for n, t in saved["exp_avg_sq"].items() if "gate_proj.weight" in n)
 
     run_distributed(4, train, flags)
     want, got = by_iteration(root / "run" / "metrics.jsonl"), by_iteration(tmp_path / "resumed" / "metrics.jsonl")

@@ -119,3 +119,17 @@ def test_lora_with_full_recompute_trains_as_without(tmp_path):
         values[name] = {i: (r["lm_loss"], r["grad_norm"]) for i, r in by_iteration(metrics).items()}
     assert sorted(values["plain"]) == [1, 2, 3] and all(g > 0 for _, g in values["plain"].values())
     assert values["recompute"] == values["plain"]
+
+
+def test_lora_modules_to_save_train_fully_beside_the_adapters(tmp_path):
+    inputs = training_inputs()
+    flags = _lora_flags(inputs, tmp_path) + ["--lora-modules-to-save", "connector"]
+    table, printed, optimized, changed, trainable, out_of_sync = run_distributed(2, lora_run, flags)[0]
+    assert out_of_sync == []
+    assert table["connector"].trained > 0 and table["connector"].frozen == 0  # the whole connector trains
+    assert table["vision"].trained == table["llm"].trained == 0
+    assert "trained" in printed and "LoRA adapters" in printed
+    saved = [n for n in trainable if ".lora_" not in n]
+    assert saved and all(n.startswith("connector.") for n in saved)
+    assert optimized == trainable  # optimizer state for adapters and the connector only
+    assert set(changed) <= set(trainable) and set(saved) & set(changed)  # the connector learns; the rest is untouched

@@ -64,6 +64,7 @@ class LoraSettings:
     alpha: float
     dropout: float = 0.0
     targets: tuple = DEFAULT_TARGETS
+    modules_to_save: tuple = ()  # peft's modules_to_save: trained fully beside the adapters
 
     @property
     def scale(self) -> float:
@@ -72,7 +73,8 @@ class LoraSettings:
     @classmethod
     def from_record(cls, record: dict) -> "LoraSettings":
         """From a LoRA checkpoint's record (checkpoint_info.json's "lora")."""
-        return cls(int(record["rank"]), float(record["alpha"]), float(record["dropout"]), tuple(record["targets"]))
+        return cls(int(record["rank"]), float(record["alpha"]), float(record["dropout"]), tuple(record["targets"]),
+                   tuple(record["modules_to_save"]))
 
 
 class Adapter(nn.Module):

@@ -46,15 +46,14 @@ def is_adapter_parameter(name: str) -> bool:
 
 def load_hf_weights(model, get_hf_tensor: Callable[[str], torch.Tensor], hf_config, opts: ParallelOptions,
                     mappings=None) -> None:
-    """Copy HF tensors into `model` (this rank's part). Every model tensor must be filled exactly once:
-    every base weight (the default `mappings`: the whole model) or every LoRA adapter (`mappings`
-    of a LoRA checkpoint: `adapter_mappings`)."""
+    """Copy HF tensors into `model` (this rank's part), each model tensor at most once. Without
+    `mappings` (the whole model's), every base weight must be filled; with a LoRA checkpoint's
+    (`checkpoint_mappings`: its adapters and the modules it trained fully), every adapter."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    adapters = mappings is not None and all(is_adapter_parameter(m.mcore) for m in mappings)
-    params = {k: v for k, v in model.state_dict().items()
-              if not k.endswith("_extra_state") and is_adapter_parameter(k) == adapters}
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    required = {k for k in params if is_adapter_parameter(k) == (mappings is not None)}
     filled = set()
     with torch.no_grad():
         for local, m in stage_mappings(hf_config, opts, stage, mappings).items():
@@ -69,7 +68,7 @@ def load_hf_weights(model, get_hf_tensor: Callable[[str], torch.Tensor], hf_conf
                 )
             params[name].copy_(shard)
             filled.add(name)
-    missing = sorted(set(params) - filled)
+    missing = sorted(required - filled)
     if missing:
         raise KeyError(f"{len(missing)} model tensor(s) have no HF source, first: {missing[0]}")
 
@@ -92,15 +91,17 @@ def assemble_hf_tensors(
     layout: PipelineLayout,
     tp_size: int,
     sum_tied: bool = False,
+    mappings=None,
 ) -> dict[str, torch.Tensor]:
     """Full HF tensors from megatron shards keyed (pipeline stage, TP rank, local canonical name).
 
     A tied head is held on the first and the last stage: for weights the copies are equal and the
     first is kept; for gradients pass `sum_tied=True`, since the true gradient is their sum.
+    `mappings`: the tensors to assemble (default: the whole model's).
     """
     tied = tied_word_embeddings(hf_config)
     out: dict[str, torch.Tensor] = {}
-    for m in tensor_mappings(hf_config):
+    for m in tensor_mappings(hf_config) if mappings is None else mappings:
         for stage, local in layout.placements(m, tied):
             missing = [r for r in range(tp_size) if (stage, r, local) not in shards]
             if missing:

@@ -10,7 +10,9 @@ peft saves an adapter under the transformers module names without the adapter's 
 `...lora_B.weight` ([out, rank]): the HF names of the weight mapping's `adapter_mappings` behind
 `base_model.model.`. Which projections carry adapters is read from those keys (the config's
 `target_modules`, a list of names or a regex, only selected them): any of LORA_PROJECTIONS (language
-model, vision tower, perceiver, modality projection), each on every layer of its component.
+model, vision tower, perceiver, modality projection), each on every layer of its component. The
+modules of `modules_to_save` (LORA_MODULES_TO_SAVE) are saved whole, under `base_model.model.` and
+their HF names.
 """
 from __future__ import annotations
 
@@ -24,10 +26,14 @@ from megatron_patch.models.idefics2.weight_mapping import (
     ALL_LORA_TARGETS,
     LORA_COMPONENTS,
     LORA_PREFIX,
+    LORA_MODULES_TO_SAVE,
     LORA_PROJECTIONS,
     adapter_mappings,
+    checkpoint_mappings,
     lora_target,
+    saved_module_mappings,
     split_lora_target,
+    targets_inside,
 )
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -36,7 +42,6 @@ PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED = [
     ("use_dora", lambda v: bool(v), "DoRA"), ("use_rslora", lambda v: bool(v), "rsLoRA (scale alpha / sqrt(r))"),
     ("bias", lambda v: v not in (None, "none"), "bias training"), ("lora_bias", lambda v: bool(v), "a bias on lora_B"),
-    ("modules_to_save", lambda v: bool(v), "modules_to_save"),
     ("layers_to_transform", lambda v: v is not None, "layers_to_transform"),
     ("layers_pattern", lambda v: bool(v), "layers_pattern"),
     ("rank_pattern", lambda v: bool(v), "rank_pattern"), ("alpha_pattern", lambda v: bool(v), "alpha_pattern"),
@@ -55,7 +60,7 @@ _UNSUPPORTED = [
 # peft config fields that do not change what a loaded plain LoRA adapter computes (used, informational,
 # or only read together with an option refused above).
 HARMLESS_FIELDS = frozenset({
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "auto_mapping",
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "exclude_modules", "auto_mapping",
     "base_model_name_or_path", "inference_mode", "peft_version", "revision", "task_type", "megatron_config",
     "megatron_core", "ensure_weight_tying", "qalora_group_size", "corda_config", "eva_config", "loftq_config",
     "lora_ga_config",
@@ -84,9 +89,24 @@ def read_adapter_settings(folder, hf_config, flag: str = "--lora-load") -> LoraS
         if unsupported(config.get(key)):
             raise PeftAdapterError(f"{flag} {folder}: {what} ({key}={config.get(key)!r}) is not supported; "
                                    "use a plain LoRA adapter")
-    targets = _targets_from_keys(f"{flag} {folder}", _keys(weights_path), hf_config)
+    where = f"{flag} {folder}"
+    modules = tuple(config.get("modules_to_save") or ())
+    unknown = [m for m in modules if m not in LORA_MODULES_TO_SAVE]
+    if unknown:
+        raise PeftAdapterError(f"{where}: modules_to_save {unknown[0]!r} is not supported; choose among "
+                               f"{', '.join(LORA_MODULES_TO_SAVE)}")
+    keys = _keys(weights_path)
+    saved = {PEFT_PREFIX + name for m in saved_module_mappings(hf_config, modules) for name in m.hf}
+    missing = sorted(saved - set(keys))
+    if missing:
+        raise PeftAdapterError(f"{where}: modules_to_save {list(modules)} but {WEIGHTS} lacks {missing[0]}")
+    targets = _targets_from_keys(where, [k for k in keys if k not in saved], hf_config)
+    inside = targets_inside(modules, targets)
+    if inside:
+        raise PeftAdapterError(f"{where}: the target {inside[0]} lies inside modules_to_save {list(modules)}; "
+                               "use an adapter whose targets are outside the modules it trains fully")
     return LoraSettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                        dropout=float(config.get("lora_dropout") or 0.0), targets=targets)
+                        dropout=float(config.get("lora_dropout") or 0.0), targets=targets, modules_to_save=modules)
 
 
 def _keys(path: Path) -> list:
@@ -133,14 +153,15 @@ def _projection_of(m) -> tuple:
 
 
 def load_peft_adapter(model, folder, settings: LoraSettings, hf_config, opts) -> None:
-    """Copy this rank's shard of each adapter from the peft folder into `model` (built with add_lora)."""
+    """Copy this rank's shard of each adapter, and of each module it trains fully, from the peft folder
+    into `model` (built with add_lora)."""
     from safetensors import safe_open
 
     from megatron_patch.models.idefics2.model_loading import load_hf_weights
 
     with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
         load_hf_weights(model, lambda name: f.get_tensor(PEFT_PREFIX + name), hf_config, opts,
-                        adapter_mappings(hf_config, settings.targets))
+                        checkpoint_mappings(hf_config, settings.targets, settings.modules_to_save))
 
 
 def target_modules(targets) -> str:
@@ -156,8 +177,9 @@ def target_modules(targets) -> str:
 
 
 def write_peft_adapter(folder, settings: LoraSettings, tensors: dict, base: str) -> None:
-    """A peft folder from {HF name (`model.text_model.layers.0.self_attn.q_proj.lora_A.weight`): full
-    tensor}; `base` goes into base_model_name_or_path. `PeftModel.from_pretrained` loads it."""
+    """A peft folder from {HF name (`model.text_model.layers.0.self_attn.q_proj.lora_A.weight`, and the
+    tensors of the modules to save): full tensor}; `base` goes into base_model_name_or_path.
+    `PeftModel.from_pretrained` loads it."""
     from megatron_patch.checkpoint.layout import write_durable
     from megatron_patch.checkpoint.safetensors_io import write_safetensors
 
@@ -166,24 +188,8 @@ def write_peft_adapter(folder, settings: LoraSettings, tensors: dict, base: str)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "inference_mode": True,
               "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
               "target_modules": target_modules(settings.targets), "bias": "none", "use_dora": False,
-              "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None}
+              "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+              "modules_to_save": list(settings.modules_to_save) or None}
     write_safetensors(folder / WEIGHTS, {PEFT_PREFIX + name: t.contiguous() for name, t in tensors.items()},
                       metadata={"format": "pt"})
     write_durable(folder / CONFIG, json.dumps(config, indent=2) + "\n")
-
-
-def gather_adapter_tensors(model, hf_config, opts) -> dict:
-    """{peft key: (this rank's shard, its gradient or None)} of every adapter here (for tests)."""
-    from megatron.core import parallel_state
-
-    from megatron_patch.models.idefics2.model_loading import stage_mappings
-
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    params = dict(model.named_parameters())
-    out = {}
-    for local, m in stage_mappings(hf_config, opts, stage, adapter_mappings(hf_config, ALL_LORA_TARGETS)).items():
-        if local in params:
-            param = params[local]
-            grad = param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
-            out[PEFT_PREFIX + m.hf[0]] = (param.detach().cpu(), None if grad is None else grad.detach().cpu())
-    return out

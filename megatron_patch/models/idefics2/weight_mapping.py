@@ -209,9 +209,35 @@ def adapter_mappings(hf_config, targets) -> list[TensorMapping]:
     return rows
 
 
-def checkpoint_mappings(hf_config, adapter_targets=None) -> list[TensorMapping]:
-    """The tensors a checkpoint holds: the whole model, or a LoRA checkpoint's adapters alone."""
-    return tensor_mappings(hf_config) if adapter_targets is None else adapter_mappings(hf_config, adapter_targets)
+# peft's modules_to_save on Idefics2 (--lora-modules-to-save): modules that train fully beside the
+# adapters, by the name peft matches (the end of the module's path) -> the HF tensors they hold (a prefix).
+LORA_MODULES_TO_SAVE = {
+    "vision_model": HF_VISION_PREFIX, "connector": HF_CONNECTOR_PREFIX,
+    "perceiver_resampler": HF_CONNECTOR_PREFIX + "perceiver_resampler.",
+    "modality_projection": HF_CONNECTOR_PREFIX + "modality_projection.",
+    "embed_tokens": HF_EMBED_TOKENS, "lm_head": HF_LM_HEAD,
+}
+
+
+def saved_module_mappings(hf_config, modules) -> list[TensorMapping]:
+    """The tensors of the modules a LoRA run trains fully (`modules`: LORA_MODULES_TO_SAVE names)."""
+    prefixes = tuple(LORA_MODULES_TO_SAVE[name] for name in modules)
+    return [m for m in tensor_mappings(hf_config) if prefixes and m.hf[0].startswith(prefixes)]
+
+
+def targets_inside(modules, targets) -> list:
+    """The LoRA targets that lie inside one of the modules trained fully (refused: peft would train a
+    copy of the module and leave the adapter on the frozen original)."""
+    prefixes = tuple(LORA_MODULES_TO_SAVE[name] for name in modules)
+    return [t for t in targets if prefixes and LORA_COMPONENTS[split_lora_target(t)[0]][1].startswith(prefixes)]
+
+
+def checkpoint_mappings(hf_config, adapter_targets=None, modules_to_save=()) -> list[TensorMapping]:
+    """The tensors a checkpoint holds: the whole model, or a LoRA checkpoint's adapters and the
+    modules it trains fully."""
+    if adapter_targets is None:
+        return tensor_mappings(hf_config)
+    return adapter_mappings(hf_config, adapter_targets) + saved_module_mappings(hf_config, modules_to_save)
 
 
 def adapter_base_weight(name: str) -> str:
