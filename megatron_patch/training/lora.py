@@ -133,7 +133,8 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
         return
     for flag, dest in _FREEZE:
         if getattr(args, dest):
-            raise _error(f"{flag} with LoRA: with LoRA the whole base model is frozen already; drop {flag}")
+            raise _error(f"{flag} with LoRA: with LoRA the whole base model is frozen already; drop {flag} "
+                         "(--lora-modules-to-save trains a module fully beside the adapters)")
     if args.transformer_impl == "transformer_engine":
         raise _error("--transformer-impl transformer_engine with LoRA is not supported yet; use --transformer-impl local")
     if args.lora_rank is not None and args.lora_rank < 1:
