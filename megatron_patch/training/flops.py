@@ -24,8 +24,10 @@ same way the model finds them (``vision.patch_attention_mask``: a patch is real 
 are, as in transformers' Idefics2).
 
 Backward: a component whose parameters train costs 3x its forward (input and weight gradients);
-a frozen one that gradients still flow through (something upstream trains) 2x (input gradients
-only); a frozen one with nothing trainable upstream 1x (forward only).
+a frozen one that gradients still flow through (something upstream trains, or it holds LoRA
+adapters, whose gradients need its input gradients from the loss down to them) 2x (input gradients
+only; the adapters' own low-rank products are left out); a frozen one with nothing trainable in or
+upstream of it 1x (forward only).
 """
 from __future__ import annotations
 
@@ -164,10 +166,11 @@ def forward_flops(hf_config, shapes: BatchShapes, vocab_size: Optional[int] = No
     }
 
 
-def backward_multipliers(frozen: Iterable[str] = frozenset()) -> dict[str, int]:
-    """Forward+backward cost as a multiple of the forward: 3 trained, 2 frozen below a trained part, 1 else."""
-    frozen = set(frozen)
-    unknown = frozen - set(COMPONENTS)
+def backward_multipliers(frozen: Iterable[str] = frozenset(), adapted: Iterable[str] = frozenset()) -> dict[str, int]:
+    """Forward+backward cost as a multiple of the forward: 3 trained, 2 frozen but holding LoRA
+    adapters (`adapted`) or below a trained or adapted part, 1 else."""
+    frozen, adapted = set(frozen), set(adapted)
+    unknown = (frozen | adapted) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown frozen component(s) {sorted(unknown)}; known: {list(COMPONENTS)}")
     out, upstream_trains = {}, False
@@ -175,20 +178,23 @@ def backward_multipliers(frozen: Iterable[str] = frozenset()) -> dict[str, int]:
         if name not in frozen:
             out[name], upstream_trains = 3, True
         else:
-            out[name] = 2 if upstream_trains else 1
+            out[name] = 2 if upstream_trains or name in adapted else 1
+            upstream_trains = upstream_trains or name in adapted
     return out
 
 
 def training_flops(
-    hf_config, shapes: BatchShapes, frozen: Iterable[str] = frozenset(), vocab_size: Optional[int] = None
+    hf_config, shapes: BatchShapes, frozen: Iterable[str] = frozenset(), vocab_size: Optional[int] = None,
+    adapted: Iterable[str] = frozenset(),
 ) -> float:
     """FLOPs of one training iteration (forward + backward) over the whole global batch and model.
 
-    `frozen`: names from ``COMPONENTS``. `vocab_size`: the LM head's rows if not the HF vocabulary
-    (pass the TP-padded size to match Megatron-LM, which counts ``padded_vocab_size``).
+    `frozen`: names from ``COMPONENTS`` whose weights do not train; `adapted`: those holding LoRA
+    adapters. `vocab_size`: the LM head's rows if not the HF vocabulary (pass the TP-padded size to
+    match Megatron-LM, which counts ``padded_vocab_size``).
     """
     forward = forward_flops(hf_config, shapes, vocab_size)
-    multipliers = backward_multipliers(frozen)
+    multipliers = backward_multipliers(frozen, adapted)
     return float(sum(multipliers[name] * forward[name] for name in COMPONENTS))
 
 

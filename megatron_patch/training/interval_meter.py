@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.training import loss as loss_lib
-from megatron_patch.training.arguments import frozen_components
 from megatron_patch.training.flops import BatchShapes, device_name, mfu, peak_tflops, training_flops
 from megatron_patch.training.micro_batches import MicroBatchStream
 from megatron_patch.training.optimizer import StepResult
@@ -25,7 +24,6 @@ class IntervalMeter:
     def __init__(self, ctx):
         self.ctx = ctx
         self.peak = ctx.settings.logging.peak_tflops or peak_tflops(device_name())
-        self.frozen = frozen_components(ctx.args)
         self.reset()
 
     def reset(self) -> None:
@@ -49,7 +47,8 @@ class IntervalMeter:
         counts = torch.cat([torch.tensor([self.text_tokens]), self.shapes.to_tensor()]).to(self.ctx.device)
         counts = sum_over_world(counts).cpu()
         shapes = BatchShapes.from_tensor(counts[1:], self.shapes.seq_length)
-        return int(counts[0]), training_flops(self.ctx.hf_config, shapes, self.frozen)
+        logging = self.ctx.settings.logging
+        return int(counts[0]), training_flops(self.ctx.hf_config, shapes, logging.frozen, adapted=logging.adapted)
 
     def record(self, iteration: int, step: StepResult, state, bad_samples: int) -> dict:
         """The metrics line of `iteration` (every rank calls it: the totals are reduced here)."""

@@ -26,6 +26,7 @@ from megatron_patch.models.idefics2.weight_mapping import (
     ALL_LORA_TARGETS,
     LORA_COMPONENTS,
     LORA_MODULES_TO_SAVE,
+    split_lora_target,
     targets_inside,
 )
 
@@ -209,6 +210,21 @@ def _from_peft_folder(args, targets, modules, hf_config) -> LoraSettings:
     except PeftAdapterError as err:
         raise _error(str(err)) from None
     return _agreeing(args, targets, modules, loaded, f"--lora-load {args.lora_load}")
+
+
+# The FLOP count's components (training/flops.py) of a LoRA target's or a module to save's component.
+_FLOP_COMPONENT = {"text_model": "llm", "vision_model": "vision", "perceiver_resampler": "connector",
+                   "modality_projection": "connector", "connector": "connector"}
+
+
+def flop_components(lora: LoraSettings) -> tuple[frozenset, frozenset]:
+    """(components whose base weights do not train, components holding adapters) for the FLOP count.
+    A module to save counts its component as trained (the perceiver is most of the connector's work;
+    the modality projection alone is counted high); embed_tokens and lm_head leave the language
+    model's count as it is (a lookup; one projection of the head)."""
+    adapted = frozenset(_FLOP_COMPONENT[split_lora_target(t)[0]] for t in lora.targets)
+    trained = frozenset(_FLOP_COMPONENT[m] for m in lora.modules_to_save if m in _FLOP_COMPONENT)
+    return frozenset(_FLOP_COMPONENT.values()) - trained, adapted
 
 
 def apply_lora(model, args, opts) -> None:

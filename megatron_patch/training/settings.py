@@ -68,6 +68,8 @@ class LoggingSettings:
     metrics_jsonl: Optional[str]
     tensorboard_dir: Optional[str]
     peak_tflops: Optional[float]  # the device's peak for the MFU (None: from the device's name)
+    frozen: frozenset  # components whose base weights do not train (the FLOP count's backward)
+    adapted: frozenset  # components holding LoRA adapters (their input gradients are computed)
     wandb_project: Optional[str]  # Weights & Biases project (None: no W&B)
     wandb_exp_name: Optional[str]
     wandb_save_dir: Optional[str]
@@ -84,6 +86,9 @@ class RunSettings:
 
 def run_settings(args) -> RunSettings:
     """The settings of a validated namespace (arguments.validate_args filled its derived fields)."""
+    from megatron_patch.training.arguments import frozen_components
+    from megatron_patch.training.lora import flop_components
+
     schedule = ScheduleSettings(
         train_iters=args.train_iters, global_batch_size=args.global_batch_size,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, skip_train=bool(args.skip_train),
@@ -100,8 +105,10 @@ def run_settings(args) -> RunSettings:
         save_optim=not args.no_save_optim, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
         config_source=str(args.tokenizer_dir), seed=args.seed, optimizer=args.optimizer,
         sgd_momentum=args.sgd_momentum, pack_sequences=bool(args.pack_sequences))
+    frozen, adapted = flop_components(args.lora) if args.lora else (frozen_components(args), frozenset())
     logging = LoggingSettings(log_interval=args.log_interval, metrics_jsonl=args.metrics_jsonl,
                               tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
+                              frozen=frozen, adapted=adapted,
                               wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
                               wandb_save_dir=args.wandb_save_dir, wandb_entity=args.wandb_entity)
     return RunSettings(schedule, checkpoint, logging, data_settings(args))

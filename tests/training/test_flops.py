@@ -114,6 +114,14 @@ def test_backward_multipliers():
     assert flops.backward_multipliers(set(flops.COMPONENTS)) == {"vision": 1, "connector": 1, "llm": 1}
     with pytest.raises(ValueError, match="unknown frozen component"):
         flops.backward_multipliers({"perceiver"})
+    # LoRA: every base weight frozen; a component with adapters needs its input gradients (2x), and so
+    # does every one downstream of it; one with nothing trainable in or upstream of it runs forward only.
+    everything = set(flops.COMPONENTS)
+    assert flops.backward_multipliers(everything, {"llm"}) == {"vision": 1, "connector": 1, "llm": 2}
+    assert flops.backward_multipliers(everything, {"vision"}) == {"vision": 2, "connector": 2, "llm": 2}
+    assert flops.backward_multipliers({"vision", "llm"}, {"llm"}) == {"vision": 1, "connector": 3, "llm": 2}
+    lora = flops.training_flops(config, shapes, frozen=everything, adapted={"llm"})
+    assert lora == fwd["vision"] + fwd["connector"] + 2 * fwd["llm"]
 
 
 def test_batch_shapes_from_collated_batch_counts_real_patches():

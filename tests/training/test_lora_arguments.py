@@ -161,3 +161,17 @@ def test_parse_args_exits_2_with_one_line(paths, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1
     assert "--save with LoRA needs --load BASE" in lines[0]
+
+
+def test_the_flop_count_knows_what_lora_trains(paths):
+    # MFU: a LoRA run's base is frozen, but its adapted components (and all below them) compute input
+    # gradients; counting them as fully trained would overstate the MFU by half.
+    from megatron_patch.training.settings import run_settings
+
+    logging = run_settings(_validated(paths, "--lora-rank 4")).logging
+    assert (logging.frozen, logging.adapted) == ({"vision", "connector", "llm"}, {"llm"})
+    logging = run_settings(_validated(paths, "--lora-rank 4 --lora-target-modules vision_model.fc1 "
+                                             "--lora-modules-to-save connector")).logging
+    assert (logging.frozen, logging.adapted) == ({"vision", "llm"}, {"vision"})
+    logging = run_settings(_validated(paths, "--freeze-llm")).logging
+    assert (logging.frozen, logging.adapted) == ({"llm"}, set())
