@@ -47,7 +47,8 @@ class CheckpointPart(Protocol):
         """Rank 0, once every rank's files are in `staging`: checks and whole-folder files."""
 
 
-def _rank() -> int:
+def world_rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -79,7 +80,7 @@ def begin(ckpt_dir, iteration: Iteration) -> tuple[Path, Path, Path]:
     final = root / iteration_dir_name(iteration)
     staging = staging_path(final)
     error = None
-    if _rank() == 0:
+    if world_rank() == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
             if staging.exists():
@@ -97,7 +98,7 @@ def write(writers: Sequence[Callable[[Path], None]], staging: Path) -> Optional[
         for writer in writers:
             writer(staging)
     except Exception as err:  # reported on every rank so no rank waits forever
-        return f"rank {_rank()} failed to write {staging}: {type(err).__name__}: {err}"
+        return f"rank {world_rank()} failed to write {staging}: {type(err).__name__}: {err}"
     return None
 
 
@@ -107,7 +108,7 @@ def publish(root: Path, final: Path, staging: Path, parts: Sequence[CheckpointPa
     (collective)."""
     _gather_errors(error)
     error = None
-    if _rank() == 0:
+    if world_rank() == 0:
         try:
             for part in parts:
                 part.finish(staging)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_patch.checkpoint import CheckpointError, ShardedCheckpoint, load_pt, rank_dir_name
+from megatron_patch.checkpoint.commit import world_rank
 from megatron_patch.checkpoint.layout import write_durable
 from megatron_patch.checkpoint.optimizer_parts import OptimizerPartsReader, write_part
 from megatron_patch.models.idefics2.model_loading import stage_mappings
@@ -49,10 +50,6 @@ from megatron_patch.training.settings import CheckpointSettings
 # Schedule settings a resume must not change silently (Megatron-LM refuses them too).
 _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
                    "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style"}
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def layout() -> dict:
@@ -250,7 +247,7 @@ class RngStates(Part):
         self.settings, self.report = settings, report
 
     def snapshot(self, copy: bool) -> Callable[[Path], None]:
-        states, name = rng_states(), f"rank_{_rank():05d}.pt"  # copies, taken now
+        states, name = rng_states(), f"rank_{world_rank():05d}.pt"  # copies, taken now
 
         def write(staging: Path) -> None:
             (staging / "rng").mkdir(exist_ok=True)
@@ -261,7 +258,7 @@ class RngStates(Part):
         if not self.settings.load_rng:
             return
         if saved["layout"] == layout():
-            set_rng_states(load_pt(folder / "rng" / f"rank_{_rank():05d}.pt"))
+            set_rng_states(load_pt(folder / "rng" / f"rank_{world_rank():05d}.pt"))
         else:
             self.report(f"layout changed from {saved['layout']} to {layout()}: RNG states are seeded from --seed, "
                         f"not loaded (pass --no-load-rng to silence this)")
