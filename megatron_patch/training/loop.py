@@ -63,7 +63,7 @@ def pretrain(ctx) -> dict:
             ctx.checkpointer.maybe_save(state.iteration, last=True)
         if stopped:
             ctx.report(f"stopped after iteration {state.iteration} of {schedule.train_iters}: {stopped}")
-        elif schedule.evaluates and schedule.eval_interval and evaluated_at != state.iteration:
+        elif schedule.eval_interval and evaluated_at != state.iteration:
             run_evaluation(ctx, writer, state.iteration)
         return record
 
@@ -89,7 +89,7 @@ def _train_iterations(ctx, writer, stops) -> tuple:
                 f"{consecutive_bad} consecutive iterations had NaN/Inf loss or gradients (--max-skipped-iterations "
                 f"{schedule.max_skipped_iterations}); stopped at iteration {state.iteration}, the last checkpoint is "
                 f"intact")
-        if schedule.evaluates and schedule.eval_interval and state.iteration % schedule.eval_interval == 0:
+        if schedule.eval_interval and state.iteration % schedule.eval_interval == 0:
             run_evaluation(ctx, writer, state.iteration)
             evaluated_at = state.iteration
         ctx.checkpointer.maybe_save(state.iteration)

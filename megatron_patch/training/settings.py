@@ -25,9 +25,8 @@ class ScheduleSettings:
     micro_batch_size: int
     seq_length: int
     skip_train: bool  # evaluate only
-    eval_interval: Optional[int]  # iterations between evaluations (None: never)
+    eval_interval: Optional[int]  # iterations between evaluations (None: never; set only with a validation set)
     eval_iters: Optional[int]  # iterations of the global batch per evaluation (None: the whole set)
-    evaluates: bool  # a validation set was given
     max_skipped_iterations: int  # consecutive NaN/Inf iterations that stop training
     clip_grad: float  # global gradient-norm clip (0: off)
     exit_signal: Optional[str]  # the signal that saves and stops (--exit-signal-handler), e.g. SIGTERM
@@ -93,7 +92,7 @@ def run_settings(args) -> RunSettings:
         train_iters=args.train_iters, global_batch_size=args.global_batch_size,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, skip_train=bool(args.skip_train),
         eval_interval=args.eval_interval or None, eval_iters=args.eval_iters or None,
-        evaluates=bool(args.valid_data_path), max_skipped_iterations=args.max_skipped_iterations,
+        max_skipped_iterations=args.max_skipped_iterations,
         clip_grad=args.clip_grad, exit_signal=args.exit_signal if args.exit_signal_handler else None,
         exit_duration_in_mins=args.exit_duration_in_mins, exit_interval=args.exit_interval or None)
     checkpoint = CheckpointSettings(
