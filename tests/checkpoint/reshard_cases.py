@@ -40,3 +40,19 @@ def load_then_save(mg_dir: str, out_dir: str, tp: int, pp: int, iteration: int):
     _, source = resolve_iteration(mg_dir)
     final = save_model_weights(model, out_dir, iteration, config, opts, config_source=source / HF_CONFIG_DIR)
     return str(final)
+
+
+def load_into_a_model_with_an_unmapped_weight(mg_dir: str):
+    """Load a full checkpoint into a model holding one weight no mapping names: the error, one line."""
+    import torch
+
+    init_distributed(1, 1, seed=1234)
+    config = read_checkpoint_config(mg_dir)
+    opts = ParallelOptions(1, 1)
+    model = build_model(config, opts, init_weights=False)
+    model.connector.register_parameter("stray", torch.nn.Parameter(torch.zeros(2)))
+    try:
+        load_model_weights(model, mg_dir, opts)
+    except KeyError as err:
+        return str(err)
+    return None

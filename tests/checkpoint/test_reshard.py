@@ -61,3 +61,9 @@ def test_training_save_reshards_and_converts_back_exactly(converted):
     back = Idefics2ForConditionalGeneration.from_pretrained(str(root / "back")).state_dict()
     for name, tensor in original.state_dict().items():
         assert torch.equal(back[name], tensor), name
+
+
+def test_every_weight_of_the_model_must_come_from_a_full_checkpoint(converted):
+    root, _ = converted
+    error = run_distributed(1, cases.load_into_a_model_with_an_unmapped_weight, str(root / "mg22"))[0]
+    assert error is not None and "have no HF source, first: connector.stray" in error

@@ -53,7 +53,8 @@ def load_hf_weights(model, get_hf_tensor: Callable[[str], torch.Tensor], hf_conf
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    required = {k for k in params if is_adapter_parameter(k) == (mappings is not None)}
+    holds_adapters = mappings is not None and any(is_adapter_parameter(m.mcore) for m in mappings)
+    required = {k for k in params if is_adapter_parameter(k) == holds_adapters}
     filled = set()
     with torch.no_grad():
         for local, m in stage_mappings(hf_config, opts, stage, mappings).items():

@@ -25,12 +25,10 @@ from megatron_patch.models.idefics2.lora import LoraSettings
 from megatron_patch.models.idefics2.weight_mapping import (
     ALL_LORA_TARGETS,
     LORA_COMPONENTS,
-    LORA_PREFIX,
     LORA_MODULES_TO_SAVE,
     LORA_PROJECTIONS,
     adapter_mappings,
     checkpoint_mappings,
-    lora_target,
     saved_module_mappings,
     split_lora_target,
     targets_inside,
@@ -118,7 +116,8 @@ def _keys(path: Path) -> list:
 
 def _targets_from_keys(where: str, keys, hf_config) -> tuple:
     """The targets whose A and B are in `keys` on every layer of their component; anything else refused."""
-    known = {PEFT_PREFIX + name: lora_target(*key) for key, names in _adapter_names(hf_config).items() for name in names}
+    names = {t: [PEFT_PREFIX + m.hf[0] for m in adapter_mappings(hf_config, (t,))] for t in ALL_LORA_TARGETS}
+    known = {name: target for target, target_names in names.items() for name in target_names}
     unknown = sorted(set(keys) - set(known))
     if unknown:
         raise PeftAdapterError(f"{where}: {unknown[0]} is not a LoRA A or B of a supported projection of this model "
@@ -126,30 +125,13 @@ def _targets_from_keys(where: str, keys, hf_config) -> tuple:
     present = {known[k] for k in keys}
     if not present:
         raise PeftAdapterError(f"{where}: {WEIGHTS} holds no LoRA weights")
-    for key, names in _adapter_names(hf_config).items():
-        target, have = lora_target(*key), [n for n in names if PEFT_PREFIX + n in keys]
-        if target in present and len(have) != len(names):
-            missing = next(n for n in names if PEFT_PREFIX + n not in keys)
-            raise PeftAdapterError(f"{where}: {target} has adapters on some layers only (no {missing}); use an adapter "
-                                   f"of every layer, trained on this base model")
-    return tuple(t for t in ALL_LORA_TARGETS if t in present)
-
-
-def _adapter_names(hf_config) -> dict:
-    """(component, projection) -> the HF names of its A and B on every layer."""
-    out = {}
-    for m in adapter_mappings(hf_config, ALL_LORA_TARGETS):
-        out.setdefault(_projection_of(m), []).append(m.hf[0])
-    return out
-
-
-def _projection_of(m) -> tuple:
-    """(component, projection) of an adapter mapping: from its megatron-core name."""
-    for (component, projection), (_, linear, _) in LORA_PROJECTIONS.items():
-        head = LORA_COMPONENTS[component][0].split("{i}")[0]
-        if m.mcore.startswith(head) and f".{linear}.{LORA_PREFIX}{projection}." in m.mcore:
-            return component, projection
-    raise ValueError(f"{m.mcore} is no adapter")
+    chosen = tuple(t for t in ALL_LORA_TARGETS if t in present)
+    for target in chosen:
+        missing = [n for n in names[target] if n not in keys]
+        if missing:
+            raise PeftAdapterError(f"{where}: {target} has adapters on some layers only (no "
+                                   f"{missing[0][len(PEFT_PREFIX):]}); use an adapter of every layer, trained on this base model")
+    return chosen
 
 
 def load_peft_adapter(model, folder, settings: LoraSettings, hf_config, opts) -> None:
