@@ -154,8 +154,7 @@ def check_lora_args(args, hf_config, iteration=None) -> None:
         except CheckpointError as err:
             raise _error(str(err)) from None
         args.load_adapters = True
-        args.lora_record = {**saved, "base": {**saved["base"], "path": str(Path(args.base_load).resolve())},
-                            "dropout": args.lora.dropout}
+        args.lora_record = lora_record(args.lora, {**saved["base"], "path": str(Path(args.base_load).resolve())})
         return
     if args.lora_base is not None:
         raise _error(f"--lora-base is the base of a LoRA checkpoint given to --load; {args.load or 'no --load'} is "
